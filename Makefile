@@ -1,0 +1,31 @@
+# One command each: `make demo` runs the mesh end to end, `make test` runs every test.
+# Both install into .venv first (a no-op once installed).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo up test unit bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -r requirements.lock
+	$(BIN)/pip install --no-deps petals==2.2.0.post1
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: install
+	$(BIN)/farmesh demo
+
+up: install
+	$(BIN)/farmesh up
+
+test: install
+	$(BIN)/pytest -ra
+
+unit: install
+	$(BIN)/pytest -ra tests/unit
+
+clean:
+	rm -rf $(VENV) .farmesh

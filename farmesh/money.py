@@ -1,0 +1,39 @@
+"""Exact FAR amounts.
+
+Amounts are integers of base units: 1 FAR = 10**18 base units, so any price the plan uses
+(0.0001 FAR per token) is exact and splits leave at most one base unit of rounding per node,
+assigned deterministically (largest remainder).  Decimal is used only at the edges (config,
+NUMERIC columns, JSON); floats never touch money.
+"""
+from __future__ import annotations
+
+from decimal import Decimal, localcontext
+
+DECIMALS = 18
+SCALE = 10**DECIMALS
+
+
+def to_base_units(far: Decimal | str | int) -> int:
+    value = Decimal(far) if not isinstance(far, Decimal) else far
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"amount must be a finite non-negative number of FAR, got {far!r}")
+    with localcontext() as ctx:
+        ctx.prec = 80
+        scaled = value.scaleb(DECIMALS)
+        if scaled != scaled.to_integral_value():
+            raise ValueError(f"{far} FAR is finer than one base unit (1e-{DECIMALS} FAR)")
+        return int(scaled)
+
+
+def to_far(base_units: int) -> Decimal:
+    """Exact Decimal FAR value of an integer amount (for NUMERIC columns and display)."""
+    with localcontext() as ctx:
+        ctx.prec = 80
+        return Decimal(base_units).scaleb(-DECIMALS)
+
+
+def format_far(base_units: int) -> str:
+    text = format(to_far(base_units), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text

@@ -1,0 +1,60 @@
+"""Configuration: one settings object, read from FARMESH_* environment variables.
+
+CLI flags override individual fields (see farmesh.cli); every service gets the same names.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from farmesh import money
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FARMESH_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # None means "no server configured": `farmesh up` then starts an embedded PostgreSQL.
+    database_url: str | None = None
+    # Multiaddrs of our own DHT bootstrap peers; never the public swarm.
+    initial_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A local model directory (or a hub name where a hub is reachable).
+    model: str = ".farmesh/tiny-model"
+    # The DHT prefix every server and client of one model shares (required for local model paths).
+    dht_prefix: str = "farmesh-tiny"
+    price_per_token: Decimal = Decimal("0.0001")
+    topic_partitions: int = 6
+    data_dir: Path = Path(".farmesh")
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    # Petals client timeouts: short so a dead node is noticed quickly on a local mesh.
+    request_timeout: float = 30.0
+    max_retries: int = 3
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+
+    @field_validator("initial_peers", mode="before")
+    @classmethod
+    def _split_peers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.replace(",", " ").split() if p.strip()]
+        return value
+
+    @field_validator("price_per_token")
+    @classmethod
+    def _price_is_exact(cls, value: Decimal) -> Decimal:
+        money.to_base_units(value)  # raises on prices finer than one base unit
+        return value
+
+    @property
+    def price_base_units(self) -> int:
+        return money.to_base_units(self.price_per_token)
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SystemExit("FARMESH_DATABASE_URL is not set (farmesh up starts an embedded PostgreSQL for you)")
+        return self.database_url

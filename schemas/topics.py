@@ -1,0 +1,50 @@
+"""Every Kafka topic of the mesh, what flows on it, and how it is keyed.
+
+Keys decide ordering: everything about one session is keyed by its request_id, so a
+session's completion and its contributions arrive in order on one partition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas import events
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str
+    carries: tuple[type[events.Event], ...]
+    description: str
+    compacted: bool = False
+
+
+REQUESTS = Topic(
+    "farmesh.inference.requests", "request_id", (events.InferenceRequested,),
+    "Generation requests from gateways; consumer group `inference` runs them on the Petals swarm.",
+)
+REPLIES = Topic(
+    "farmesh.inference.replies", "request_id", (events.TokenChunk, events.StreamEnded),
+    "Tokens streamed back to the gateway that asked (the request names its reply topic).",
+)
+SESSIONS = Topic(
+    "farmesh.sessions", "request_id",
+    (events.InferenceCompleted, events.InferenceFailed, events.NodeContribution),
+    "Finished sessions and per-node contributions; consumer groups `ledger` and `payments`.",
+)
+HEARTBEATS = Topic(
+    "farmesh.nodes.heartbeats", "peer_id", (events.NodeHeartbeat,),
+    "Signed provider heartbeats; consumer group `registry`.",
+)
+DEAD_LETTER = Topic(
+    "farmesh.deadletter", "original key", (events.DeadLetter,),
+    "Records a consumer rejected, with the reason; nothing is dropped silently.",
+)
+
+ALL: tuple[Topic, ...] = (REQUESTS, REPLIES, SESSIONS, HEARTBEATS, DEAD_LETTER)
+
+# Consumer groups (one per concern, so each scales and replays on its own).
+GROUP_INFERENCE = "inference"
+GROUP_LEDGER = "ledger"
+GROUP_PAYMENTS = "payments"
+GROUP_REGISTRY = "registry"
