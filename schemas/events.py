@@ -83,54 +83,65 @@ class StreamEnded(Event):
     error: str | None = None
 
 
-class Span(BaseModel):
-    """Which node served which blocks for how many tokens (from the client-side session)."""
+class Contribution(BaseModel):
+    """Which node served which blocks for how many tokens, and what that earned.
+
+    Taken from the client-side Petals session spans, never from what a node claims.
+    ``contribution_id`` is also the event id of the matching NodeContribution event.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    contribution_id: UUID
     peer_id: PeerId
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
     tokens_processed: int = Field(ge=0)
+    earnings_far: Far
 
 
-class InferenceCompleted(Event):
+class SessionOutcome(Event):
+    """A finished session with everything the ledger records, in one event.
+
+    Contributions travel inside it so the ledger writes a session and its contributions
+    atomically; a redelivered request that runs again produces a second outcome for the same
+    request_id, which the ledger recognises and ignores (nothing is charged twice).
+    """
+
+    request_id: RequestId
+    model: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0, description="Tokens delivered to the client")
+    completion: str
+    price_per_token: Far
+    cost_far: Far = Field(description="completion_tokens x price_per_token")
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    worker: str
+    contributions: list[Contribution]
+
+
+class InferenceCompleted(SessionOutcome):
     type: Literal["inference.completed"] = "inference.completed"
-    request_id: RequestId
-    model: str
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    completion: str
     finish_reason: Literal["length", "stop"]
-    price_per_token: Far
-    cost_far: Far
-    started_at: AwareDatetime
-    finished_at: AwareDatetime
-    worker: str
-    route: list[Span]
 
 
-class InferenceFailed(Event):
+class InferenceFailed(SessionOutcome):
+    """Generation broke off; only delivered tokens are charged and only work used is paid."""
+
     type: Literal["inference.failed"] = "inference.failed"
-    request_id: RequestId
-    model: str
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0, description="Tokens delivered before the failure")
-    completion: str
     error: str
-    price_per_token: Far
-    cost_far: Far = Field(description="Charged for delivered tokens only")
-    started_at: AwareDatetime
-    finished_at: AwareDatetime
-    worker: str
-    route: list[Span]
 
 
 class NodeContribution(Event):
-    """Work one node did for one session over one contiguous block span, and what it earned."""
+    """One node's work for one session over one block span; for payments and analytics.
+
+    Its event_id equals the ``contribution_id`` inside the session outcome it belongs to.
+    """
 
     type: Literal["node.contribution"] = "node.contribution"
     request_id: RequestId
+    session_event_id: UUID = Field(description="event_id of the InferenceCompleted/Failed it belongs to")
     model: str
     peer_id: PeerId
     start_block: int = Field(ge=0)

@@ -1,0 +1,173 @@
+"""Consumer group `inference`: runs generation requests on the Petals swarm.
+
+Tokens are streamed to the request's reply topic as they are produced.  At the end the worker
+publishes one session outcome (completed or failed) carrying every node's contribution, then one
+NodeContribution event per (node, block span), then closes the reply stream with usage.
+The offset is committed only after all of that was published; a worker that dies mid-generation
+leaves the request to be redelivered (the ledger ignores a second outcome for the same session).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Callable, Protocol, Sequence
+from uuid import uuid4
+
+from faststream.kafka import KafkaBroker
+from faststream.middlewares import AckPolicy
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from farmesh import messaging, money
+from farmesh.pricing import Work, session_cost, split
+from schemas import topics
+from schemas.events import (
+    Contribution, InferenceCompleted, InferenceFailed, InferenceRequested, NodeContribution,
+    SessionOutcome, StreamEnded, TokenChunk, Usage, default_source,
+)
+
+log = logging.getLogger(__name__)
+
+OnToken = Callable[[int, int, str], None]
+
+
+class Generated(Protocol):
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    spans: Sequence[Work]
+
+
+class Generator(Protocol):
+    """What the worker needs from the Petals client (farmesh.generation.MeshClient)."""
+
+    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken) -> Generated: ...
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sessions = Counter("farmesh_worker_sessions_total", "Finished sessions", ["model", "status"], registry=registry)
+        self.tokens = Counter("farmesh_worker_tokens_total", "Generated tokens streamed", ["model"], registry=registry)
+        self.first_token = Histogram("farmesh_worker_time_to_first_token_seconds", "Request start to first token", ["model"], registry=registry)
+        self.duration = Histogram("farmesh_worker_generation_seconds", "Whole generation", ["model"], registry=registry)
+        self.node_tokens = Counter("farmesh_node_tokens_total", "Tokens processed per node", ["peer_id"], registry=registry)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, completion: str,
+           spans: Sequence[Work], started_at: datetime, worker: str,
+           finish_reason: str | None, error: str | None) -> tuple[SessionOutcome, list[NodeContribution]]:
+    """The session outcome and its contribution events; the money is computed here, exactly."""
+    cost = session_cost(delivered, money.to_base_units(request.price_per_token))
+    shares = split(cost, spans)
+    contributions = [
+        Contribution(contribution_id=uuid4(), peer_id=w.peer_id, start_block=w.start_block, end_block=w.end_block,
+                     tokens_processed=w.tokens_processed, earnings_far=money.to_far(share))
+        for w, share in zip(spans, shares)
+    ]
+    common = dict(
+        request_id=request.request_id, model=request.model, prompt_tokens=prompt_tokens,
+        completion_tokens=delivered, completion=completion, price_per_token=request.price_per_token,
+        cost_far=money.to_far(cost), started_at=started_at, finished_at=_now(), worker=worker,
+        contributions=contributions,
+    )
+    outcome: SessionOutcome
+    if error is None:
+        outcome = InferenceCompleted(finish_reason=finish_reason or "length", **common)
+    else:
+        outcome = InferenceFailed(error=error, **common)
+    events = [
+        NodeContribution(event_id=c.contribution_id, request_id=request.request_id, session_event_id=outcome.event_id,
+                         model=request.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
+                         tokens_processed=c.tokens_processed, earnings_far=c.earnings_far, occurred_at=outcome.occurred_at)
+        for c in contributions
+    ]
+    return outcome, events
+
+
+class TokenRelay:
+    """Carries tokens from the generation thread to Kafka, in order, as they appear."""
+
+    def __init__(self, broker: KafkaBroker, request: InferenceRequested, loop: asyncio.AbstractEventLoop) -> None:
+        self._broker, self._request, self._loop = broker, request, loop
+        self._queue: asyncio.Queue[tuple[int, int, str] | None] = asyncio.Queue()
+        self.delivered = 0
+        self.text = ""
+        self.first_token_at: float | None = None
+        self._task = loop.create_task(self._run())
+
+    def on_token(self, index: int, token_id: int, text: str) -> None:  # called from the generation thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, token_id, text))
+
+    async def _run(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            index, token_id, text = item
+            chunk = TokenChunk(request_id=self._request.request_id, index=index, token_id=token_id, text=text)
+            await messaging.publish(self._broker, self._request.reply_topic, chunk, self._request.request_id)
+            if self.first_token_at is None:
+                self.first_token_at = self._loop.time()
+            self.delivered += 1
+            self.text += text
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        await self._task
+
+
+def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
+             worker_name: str | None = None) -> None:
+    worker = worker_name or default_source()
+    metrics = Metrics(registry)
+
+    @broker.subscriber(
+        topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000,
+        title="inference", description="Runs a generation request on the Petals swarm",
+    )
+    async def run_inference(request: InferenceRequested) -> None:
+        loop = asyncio.get_running_loop()
+        started_at, t0 = _now(), loop.time()
+        relay = TokenRelay(broker, request, loop)
+        error: str | None = None
+        result: Generated | None = None
+        try:
+            if request.model != model:
+                raise ValueError(f"this worker serves model {model!r}, not {request.model!r}")
+            result = await asyncio.to_thread(generator.generate_stream, request.prompt, request.max_tokens, relay.on_token)
+        except Exception as exc:  # the generation broke: settle what was delivered, nothing more
+            error = f"{type(exc).__name__}: {exc}"
+            result = getattr(exc, "partial", None)
+            log.warning("request %s failed: %s", request.request_id, error)
+        finally:
+            await relay.close()
+
+        spans = list(result.spans) if result is not None else []
+        prompt_tokens = result.prompt_tokens if result is not None else 0
+        outcome, contributions = settle(
+            request, relay.delivered, prompt_tokens, relay.text, spans, started_at, worker,
+            result.finish_reason if result is not None and error is None else None, error,
+        )
+        await messaging.publish(broker, topics.SESSIONS.name, outcome, request.request_id)
+        for event in contributions:
+            await messaging.publish(broker, topics.SESSIONS.name, event, request.request_id)
+        ended = StreamEnded(
+            request_id=request.request_id,
+            status="completed" if error is None else "failed",
+            finish_reason=outcome.finish_reason if isinstance(outcome, InferenceCompleted) else "error",
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=relay.delivered, cost_far=outcome.cost_far),
+            error=error,
+        )
+        await messaging.publish(broker, request.reply_topic, ended, request.request_id)
+
+        status = "completed" if error is None else "failed"
+        metrics.sessions.labels(request.model, status).inc()
+        metrics.tokens.labels(request.model).inc(relay.delivered)
+        metrics.duration.labels(request.model).observe(loop.time() - t0)
+        if relay.first_token_at is not None:
+            metrics.first_token.labels(request.model).observe(relay.first_token_at - t0)
+        for c in outcome.contributions:
+            metrics.node_tokens.labels(c.peer_id).inc(c.tokens_processed)

@@ -1,0 +1,60 @@
+"""Consumer group `ledger`: writes far_mesh_sessions and far_session_contributions.
+
+Batches of session events are written in one database transaction; the Kafka offsets are
+committed only after that commit (a failed write rewinds the batch for redelivery).
+Writes are keyed by event ids, so replaying the topic changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.middlewares import AckPolicy
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from consumers.ledger.repository import record_outcomes
+from farmesh import messaging
+from schemas import topics
+from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.recorded = Counter("farmesh_ledger_sessions_recorded_total", "Sessions written", registry=registry)
+        self.contributions = Counter("farmesh_ledger_contributions_recorded_total", "Contributions written", registry=registry)
+        self.duplicates = Counter("farmesh_ledger_duplicate_outcomes_total", "Outcomes already recorded (redelivery/replay)", registry=registry)
+        self.batch = Histogram("farmesh_ledger_batch_size", "Records per consumer batch", buckets=(1, 5, 20, 100, 500, 2000), registry=registry)
+
+
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, max_records: int = 500) -> None:
+    metrics = Metrics(registry)
+
+    @broker.subscriber(
+        topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=max_records,
+        auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="ledger", description="Records finished sessions and their contributions",
+    )
+    async def record(_: list[Any], message: KafkaMessage) -> None:
+        records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
+        outcomes: list[SessionOutcome] = []
+        for record in records:
+            try:
+                event = session_event_adapter.validate_json(record.value)
+            except (ValidationError, ValueError) as exc:
+                await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, record, f"invalid session event: {exc}")
+                continue
+            if not isinstance(event, NodeContribution):  # contributions arrive inside their outcome
+                outcomes.append(event)
+        async with pool.acquire() as conn:
+            result = await record_outcomes(conn, outcomes)
+        metrics.batch.observe(len(records))
+        metrics.recorded.inc(result.sessions)
+        metrics.contributions.inc(result.contributions)
+        metrics.duplicates.inc(result.duplicates)
+        if result.duplicates:
+            log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)

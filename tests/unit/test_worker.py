@@ -1,0 +1,125 @@
+"""The inference handler on FastStream's in-memory broker, with a fake generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import pytest
+from faststream.kafka import TestKafkaBroker
+from prometheus_client import CollectorRegistry
+
+from consumers.inference import worker
+from farmesh import messaging
+from farmesh.pricing import Work
+from schemas import topics
+from schemas.events import (
+    DeadLetter, InferenceCompleted, InferenceFailed, InferenceRequested, NodeContribution, StreamEnded, TokenChunk,
+    reply_event_adapter, session_event_adapter,
+)
+
+MODEL = "tiny"
+
+
+@dataclass
+class Result:
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    spans: list[Work]
+
+
+class Partial(RuntimeError):
+    def __init__(self, partial: Result) -> None:
+        super().__init__("node died")
+        self.partial = partial
+
+
+@dataclass
+class FakeGenerator:
+    tokens: list[str] = field(default_factory=lambda: ["Hel", "lo", "!"])
+    fail_after: int | None = None
+
+    def generate_stream(self, prompt, max_new_tokens, on_token):
+        produced = self.tokens[:max_new_tokens]
+        emitted = produced if self.fail_after is None else produced[: self.fail_after]
+        for i, t in enumerate(emitted):
+            on_token(i, 100 + i, t)
+        n = len(emitted)
+        spans = [Work("peerA", 0, 2, 4 + n), Work("peerB", 2, 4, 4 + n)]
+        result = Result(5, [100 + i for i in range(n)], "".join(emitted), "length", spans)
+        if self.fail_after is not None:
+            raise Partial(result)
+        return result
+
+
+def build(generator):
+    broker = messaging.create_broker("127.0.0.1:1", "inference", CollectorRegistry())
+    worker.register(broker, generator, MODEL, CollectorRegistry(), worker_name="w1")
+    seen: dict[str, list] = {"sessions": [], "replies": [], "dead": []}
+
+    @broker.subscriber(topics.SESSIONS.name, group_id="t-sessions")
+    async def sessions(body: dict) -> None:
+        seen["sessions"].append(session_event_adapter.validate_python(body))
+
+    @broker.subscriber(topics.REPLIES.name, group_id="t-replies")
+    async def replies(body: dict) -> None:
+        seen["replies"].append(reply_event_adapter.validate_python(body))
+
+    @broker.subscriber(topics.DEAD_LETTER.name, group_id="t-dead")
+    async def dead(body: dict) -> None:
+        seen["dead"].append(DeadLetter.model_validate(body))
+
+    return broker, seen
+
+
+def request(**kw) -> InferenceRequested:
+    base = dict(request_id="r-1", model=MODEL, prompt="Hi", max_tokens=3, price_per_token=Decimal("0.0001"),
+                reply_topic=topics.REPLIES.name)
+    return InferenceRequested(**{**base, **kw})
+
+
+async def test_streams_tokens_then_settles_exactly():
+    broker, seen = build(FakeGenerator())
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
+    chunks = [e for e in seen["replies"] if isinstance(e, TokenChunk)]
+    assert [c.text for c in chunks] == ["Hel", "lo", "!"]
+    assert isinstance(seen["replies"][-1], StreamEnded)
+    assert seen["replies"][-1].usage.completion_tokens == 3
+    outcome, *contribs = seen["sessions"]
+    assert isinstance(outcome, InferenceCompleted)
+    assert outcome.cost_far == Decimal("0.0003")
+    assert outcome.completion == "Hello!"
+    assert sum(c.earnings_far for c in outcome.contributions) == outcome.cost_far
+    assert all(isinstance(c, NodeContribution) and c.session_event_id == outcome.event_id for c in contribs)
+    assert {c.event_id for c in contribs} == {c.contribution_id for c in outcome.contributions}
+
+
+async def test_failure_charges_only_delivered_tokens():
+    broker, seen = build(FakeGenerator(fail_after=1))
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
+    outcome = seen["sessions"][0]
+    assert isinstance(outcome, InferenceFailed)
+    assert outcome.completion_tokens == 1 and outcome.cost_far == Decimal("0.0001")
+    assert "node died" in outcome.error
+    assert seen["replies"][-1].status == "failed"
+
+
+async def test_wrong_model_fails_without_charge():
+    broker, seen = build(FakeGenerator())
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(request(model="other"), topics.REQUESTS.name, key=b"r-1")
+    outcome = seen["sessions"][0]
+    assert isinstance(outcome, InferenceFailed) and outcome.cost_far == 0 and outcome.contributions == []
+
+
+@pytest.mark.parametrize("payload", [b"not json", b'{"request_id": "x"}'])
+async def test_bad_request_goes_to_dead_letter(payload):
+    broker, seen = build(FakeGenerator())
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(payload, topics.REQUESTS.name, key=b"x")
+    assert seen["sessions"] == [] and len(seen["dead"]) == 1
+    assert seen["dead"][0].original_topic == topics.REQUESTS.name
+    assert seen["dead"][0].payload == payload.decode()
