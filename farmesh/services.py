@@ -1,0 +1,74 @@
+"""Each service's process: `farmesh gateway | worker | ledger`.
+
+Consumers run as FastStream ASGI apps (Prometheus /metrics and a broker /health next to the
+subscribers); the gateway is a FastAPI app.  All of them listen on 127.0.0.1 by default.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import uvicorn
+from faststream.asgi import AsgiFastStream, make_ping_asgi
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+from farmesh import messaging
+from farmesh.settings import Settings
+from schemas import topics
+
+log = logging.getLogger(__name__)
+
+
+async def _serve(app, host: str, port: int) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+def _consumer_app(broker, registry: CollectorRegistry) -> AsgiFastStream:
+    return AsgiFastStream(
+        broker,
+        asgi_routes=[("/metrics", make_asgi_app(registry)), ("/health", make_ping_asgi(broker, timeout=5.0))],
+    )
+
+
+async def run_worker(settings: Settings, host: str, port: int) -> None:
+    from consumers.inference import worker
+    from farmesh.generation import load_client
+
+    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    client = await asyncio.to_thread(
+        load_client, settings.model, settings.initial_peers, settings.dht_prefix,
+        request_timeout=settings.request_timeout, max_retries=settings.max_retries,
+    )
+    registry = CollectorRegistry()
+    broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
+    worker.register(broker, client, settings.model, registry)
+    await _serve(_consumer_app(broker, registry), host, port)
+
+
+async def run_ledger(settings: Settings, host: str, port: int) -> None:
+    from consumers.ledger import consumer
+
+    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
+    try:
+        registry = CollectorRegistry()
+        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_LEDGER, registry)
+        consumer.register(broker, pool, registry)
+        await _serve(_consumer_app(broker, registry), host, port)
+    finally:
+        await pool.close()
+
+
+async def run_gateway(settings: Settings) -> None:
+    from farmesh.swarm_view import SwarmView, num_blocks_of
+    from producers.gateway.app import create_app
+
+    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model))
+    try:
+        app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
+        await _serve(app, settings.gateway_host, settings.gateway_port)
+    finally:
+        view.shutdown()
