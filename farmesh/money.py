@@ -32,8 +32,9 @@ def to_far(base_units: int) -> Decimal:
         return Decimal(base_units).scaleb(-DECIMALS)
 
 
-def format_far(base_units: int) -> str:
-    text = format(to_far(base_units), "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text
+def text(far: Decimal) -> str:
+    """Plain decimal notation without trailing zeros ('0.0003', never '3E-4' or '0.000300...')."""
+    out = format(far, "f")
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    return out

@@ -12,7 +12,9 @@ from decimal import Decimal
 from typing import Annotated, Literal, Union
 from uuid import UUID, uuid4
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter
+
+from farmesh import money
 
 SCHEMA_VERSION = 1
 
@@ -22,7 +24,11 @@ RequestId = Annotated[
           description="Client-chosen id of one generation request; the session key everywhere"),
 ]
 PeerId = Annotated[str, Field(min_length=1, max_length=128, description="libp2p peer id (base58)")]
-Far = Annotated[Decimal, Field(ge=0, max_digits=38, decimal_places=18, description="FAR, exact")]
+Far = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=38, decimal_places=18, description="FAR, exact, as a decimal string"),
+    PlainSerializer(money.text, return_type=str, when_used="json"),
+]
 
 
 def _now() -> datetime:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from decimal import Decimal
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Awaitable, Callable
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from consumers.ledger.repository import fetch_session
-from farmesh import messaging
+from farmesh import messaging, money
 from farmesh.settings import Settings
 from producers.gateway.streams import ReplyStreams
 from schemas import topics
@@ -125,7 +126,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
                     metrics.tokens.inc()
                     yield {"event": "token", "data": json.dumps({"index": event.index, "token_id": event.token_id, "text": event.text})}
                 else:
-                    payload = jsonable_encoder(event.model_dump(include={"request_id", "status", "finish_reason", "usage", "error"}))
+                    payload = event.model_dump(mode="json", include={"request_id", "status", "finish_reason", "usage", "error"})
                     yield {"event": "done" if event.status == "completed" else "error", "data": json.dumps(payload)}
                     return
         finally:
@@ -137,7 +138,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
         session = await fetch_session(state["pool"], request_id)
         if session is None:
             raise HTTPException(404, f"no session {request_id!r} in the ledger (yet)")
-        return jsonable_encoder(session)
+        return jsonable_encoder(session, custom_encoder={Decimal: money.text})  # money stays exact
 
     @app.get("/health")
     async def health() -> JSONResponse:
