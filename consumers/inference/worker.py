@@ -22,8 +22,16 @@ from farmesh import messaging, money
 from farmesh.pricing import Work, session_cost, split
 from schemas import topics
 from schemas.events import (
-    Contribution, InferenceCompleted, InferenceFailed, InferenceRequested, NodeContribution,
-    SessionOutcome, StreamEnded, TokenChunk, Usage, default_source,
+    Contribution,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRequested,
+    NodeContribution,
+    SessionOutcome,
+    StreamEnded,
+    TokenChunk,
+    Usage,
+    default_source,
 )
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,21 @@ import json
 import logging
 import time
 import uuid
-from decimal import Decimal
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from fastapi import FastAPI, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_asgi_app,
+)
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
@@ -30,7 +36,13 @@ from farmesh import messaging, money
 from farmesh.settings import Settings
 from producers.gateway.streams import ReplyStreams
 from schemas import topics
-from schemas.events import InferenceRequested, ReplyEvent, RequestId, StreamEnded, TokenChunk
+from schemas.events import (
+    InferenceRequested,
+    ReplyEvent,
+    RequestId,
+    StreamEnded,
+    TokenChunk,
+)
 
 log = logging.getLogger(__name__)
 

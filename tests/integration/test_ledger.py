@@ -41,7 +41,7 @@ async def snapshot(pool):
 
 @pytest.fixture
 async def running_ledger(kafka_bootstrap, db_pool):
-    await messaging.ensure_topics(kafka_bootstrap, 3)
+    await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     registry = CollectorRegistry()
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_LEDGER, registry)
     ledger.register(broker, db_pool, registry)

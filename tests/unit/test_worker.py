@@ -13,8 +13,15 @@ from farmesh import messaging
 from farmesh.pricing import Work
 from schemas import topics
 from schemas.events import (
-    DeadLetter, InferenceCompleted, InferenceFailed, InferenceRequested, NodeContribution, StreamEnded, TokenChunk,
-    reply_event_adapter, session_event_adapter,
+    DeadLetter,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRequested,
+    NodeContribution,
+    StreamEnded,
+    TokenChunk,
+    reply_event_adapter,
+    session_event_adapter,
 )
 
 MODEL = "tiny"

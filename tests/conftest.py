@@ -1,0 +1,145 @@
+"""Shared fixtures for the integration tests: a Kafka-protocol broker and PostgreSQL databases.
+
+Where they come from, first match wins:
+
+- Kafka: $FARMESH_TEST_KAFKA_BOOTSTRAP; a testcontainers KafkaContainer where a Docker engine
+  answers; else an embedded noida-db broker on a free 127.0.0.1 port.
+- PostgreSQL server: $FARMESH_TEST_DATABASE_URL; postgresql://127.0.0.1:5432/postgres if it
+  answers; a testcontainers PostgresContainer where Docker answers; else an embedded PostgreSQL.
+  Each test database is a fresh `farmesh_test_<random>` on that server, dropped afterwards.
+
+Everything this starts is stopped at the end of the session.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from db.migrate import migrate
+from farmesh.local_services import start_broker, start_postgres
+
+LOCAL_POSTGRES_URL = "postgresql://127.0.0.1:5432/postgres"
+
+
+@functools.cache
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointing at `database` instead (query options such as host=/socket are kept)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+async def _answers(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+async def create_database(admin_url: str, prefix: str = "farmesh_test") -> str:
+    """Create an empty database with a random name on `admin_url`'s server; returns its URL."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a Kafka-protocol broker for the whole session."""
+    if env := os.environ.get("FARMESH_TEST_KAFKA_BOOTSTRAP"):
+        yield env
+    elif docker_available():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+    else:
+        broker = start_broker(tmp_path_factory.mktemp("kafka"))
+        try:
+            yield broker.bootstrap
+        finally:
+            broker.stop()
+
+
+@pytest.fixture(scope="session")
+async def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """URL of a database on a server where the tests may create and drop databases."""
+    if env := os.environ.get("FARMESH_TEST_DATABASE_URL"):
+        yield env
+    elif await _answers(LOCAL_POSTGRES_URL):
+        yield LOCAL_POSTGRES_URL
+    elif docker_available():
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
+    else:
+        server = start_postgres(tmp_path_factory.mktemp("postgres") / "data")
+        try:
+            yield server.dsn
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for the session (dropped at the end)."""
+    url = await create_database(postgres_admin_url)
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        await drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture(scope="session")
+async def db_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def empty_database_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A fresh database with no schema, for one test (dropped afterwards)."""
+    url = await create_database(postgres_admin_url)
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_admin_url, url)
