@@ -31,7 +31,8 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
-            overrides = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
+            given = {n: kwargs.pop(n) for n in names}
+            overrides = {n: v for n, v in given.items() if v is not None}
             try:
                 settings = Settings(**overrides)
             except ValueError as exc:

@@ -20,9 +20,15 @@ from schemas import topics
 log = logging.getLogger(__name__)
 
 
-async def _serve(app, host: str, port: int) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    await uvicorn.Server(config).serve()
+async def _serve(app, host: str, port: int, name: str) -> None:
+    """Serve until SIGINT/SIGTERM; print `<name> ready url=...` once listening (the supervisor waits for it)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(f"{name} ready url=http://{host}:{port}", flush=True)
+    await task
 
 
 def _consumer_app(broker, registry: CollectorRegistry) -> AsgiFastStream:
@@ -44,7 +50,7 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
     worker.register(broker, client, settings.model, registry)
-    await _serve(_consumer_app(broker, registry), host, port)
+    await _serve(_consumer_app(broker, registry), host, port, "worker")
 
 
 async def run_ledger(settings: Settings, host: str, port: int) -> None:
@@ -56,7 +62,7 @@ async def run_ledger(settings: Settings, host: str, port: int) -> None:
         registry = CollectorRegistry()
         broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_LEDGER, registry)
         consumer.register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry), host, port)
+        await _serve(_consumer_app(broker, registry), host, port, "ledger")
     finally:
         await pool.close()
 
@@ -69,6 +75,6 @@ async def run_gateway(settings: Settings) -> None:
     view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model))
     try:
         app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
-        await _serve(app, settings.gateway_host, settings.gateway_port)
+        await _serve(app, settings.gateway_host, settings.gateway_port, "gateway")
     finally:
         view.shutdown()

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.inference import worker
 from farmesh import messaging
-from farmesh.pricing import Work
+from farmesh.generation import SpanWork
 from schemas import topics
 from schemas.events import (
     DeadLetter,
@@ -33,7 +33,7 @@ class Result:
     token_ids: list[int]
     text: str
     finish_reason: str
-    spans: list[Work]
+    spans: list[SpanWork]
 
 
 class Partial(RuntimeError):
@@ -53,7 +53,7 @@ class FakeGenerator:
         for i, t in enumerate(emitted):
             on_token(i, 100 + i, t)
         n = len(emitted)
-        spans = [Work("peerA", 0, 2, 4 + n), Work("peerB", 2, 4, 4 + n)]
+        spans = [SpanWork("peerA", 0, 2, 4 + n), SpanWork("peerB", 2, 4, 4 + n)]
         result = Result(5, [100 + i for i in range(n)], "".join(emitted), "length", spans)
         if self.fail_after is not None:
             raise Partial(result)

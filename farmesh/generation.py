@@ -1,0 +1,208 @@
+"""Petals client side of the inference worker: greedy, streamed generation over our own swarm, with a record
+of which peer ran which blocks for how many tokens.
+
+Everything here blocks (Petals runs its own event-loop thread); async callers use asyncio.to_thread.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Self
+
+import torch
+
+from farmesh import petals_compat
+from farmesh.pricing import Work
+
+if TYPE_CHECKING:
+    from petals.client.inference_session import InferenceSession, _ServerInferenceSession
+    from petals.data_structures import RemoteSpanInfo
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["length", "stop", "error"]
+OnToken = Callable[[int, int, str], None]
+
+
+# Blocks [start_block, end_block) of one peer (peer_id), and how many token positions it ran through them
+# (tokens_processed): exactly the record farmesh.pricing splits a session's cost over.
+SpanWork = Work
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason  # "error" only on GenerationError.partial
+    spans: list[SpanWork]
+
+
+class GenerationError(RuntimeError):
+    """Generation failed part-way; `partial` holds the tokens delivered and the work done until then."""
+
+    def __init__(self, message: str, partial: GenerationResult):
+        super().__init__(message)
+        self.partial = partial
+
+
+class _TextStream:
+    """Turns tokens into text deltas that concatenate to exactly tokenizer.decode(all ids, skip_special_tokens).
+
+    Each step decodes the whole generated prefix and emits what is new. A byte-level token can end inside a
+    multi-byte character, which decodes to U+FFFD until the character's last byte arrives: trailing U+FFFD is
+    held back until more text follows or the stream ends.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int, *, final: bool) -> str:
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if not text.startswith(self.emitted):
+            raise RuntimeError(f"the tokenizer's decode rewrote already streamed text: {self.emitted!r} -> {text!r}")
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+def _record_server_sessions(session: InferenceSession, into: list[_ServerInferenceSession]) -> None:
+    """Keep every per-server session `session` creates, including replacements made after a server failure."""
+    enter = session._enter_server_sessions
+
+    def recording_enter(chosen_spans: list[RemoteSpanInfo]) -> list[_ServerInferenceSession]:
+        created = enter(chosen_spans)
+        into.extend(created)
+        return created
+
+    session._enter_server_sessions = recording_enter
+
+
+def _span_work(server_sessions: Sequence[_ServerInferenceSession]) -> list[SpanWork]:
+    # _position counts the token positions a server session has run through its blocks (client side).
+    totals: dict[tuple[str, int, int], int] = {}
+    for server_session in server_sessions:
+        span = server_session.span
+        key = (span.peer_id.to_base58(), span.start, span.end)
+        totals[key] = totals.get(key, 0) + server_session._position
+    return [SpanWork(peer, start, end, tokens) for (peer, start, end), tokens in totals.items()]
+
+
+class MeshClient:
+    """A distributed model (embeddings, final norm and LM head local; transformer blocks on the swarm)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken) -> GenerationResult:
+        """Greedy decoding through one inference session; `on_token(index, token_id, text_delta)` per token."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        prompt_tokens = input_ids.shape[1]
+        if prompt_tokens == 0:
+            raise ValueError("the prompt encodes to no tokens")
+
+        server_sessions: list[_ServerInferenceSession] = []
+        delivered: list[int] = []
+
+        def result(finish_reason: FinishReason) -> GenerationResult:
+            text = self.tokenizer.decode(delivered, skip_special_tokens=True)
+            return GenerationResult(prompt_tokens, list(delivered), text, finish_reason, _span_work(server_sessions))
+
+        stream = _TextStream(self.tokenizer)
+        eos_token_id = self.tokenizer.eos_token_id
+        finish_reason: FinishReason = "length"
+        try:
+            with torch.inference_mode(), self.model.transformer.h.inference_session(
+                max_length=prompt_tokens + max_new_tokens
+            ) as session:
+                _record_server_sessions(session, server_sessions)
+                # The first step feeds the prompt, every later one only the previous token: the servers keep
+                # the attention caches. The last token produced is never fed.
+                step_inputs = input_ids
+                for index in range(max_new_tokens):
+                    token_id = self._next_token(session, step_inputs)
+                    is_eos = token_id == eos_token_id
+                    on_token(index, token_id, stream.push(token_id, final=is_eos or index == max_new_tokens - 1))
+                    delivered.append(token_id)
+                    if is_eos:
+                        finish_reason = "stop"
+                        break
+                    step_inputs = torch.tensor([[token_id]])
+        except Exception as exc:
+            raise GenerationError(f"generation failed after {len(delivered)} tokens: {exc!r}", result("error")) from exc
+        return result(finish_reason)
+
+    def _next_token(self, session: InferenceSession, input_ids: torch.Tensor) -> int:
+        # The same computation as transformers' LlamaForCausalLM + greedy search, with the blocks remote;
+        # norm and head are per-position, so applying them to the last position only gives the same logits.
+        hidden = session.step(self.model.get_input_embeddings()(input_ids))
+        logits = self.model.lm_head(self.model.transformer.ln_f(hidden[:, -1:]))
+        return int(logits[0, -1].argmax())
+
+    def full_route_available(self, timeout: float = 5.0) -> bool:
+        """Whether live ONLINE servers currently cover every block; answers within about 2 * timeout."""
+        from farmesh.swarm_view import live_coverage
+
+        manager = self.model.transformer.h.sequence_manager
+        try:
+            return all(block.online_peers for block in live_coverage(manager.dht, manager.block_uids, timeout))
+        except Exception:
+            logger.warning("swarm route check failed", exc_info=True)
+            return False
+
+    def close(self) -> None:
+        """Stop the client's DHT process and its p2pd."""
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        manager = self.model.transformer.h.sequence_manager
+        manager.shutdown()
+        # The client's handle on the DHT's p2pd lives in Petals' event-loop thread; left to the garbage
+        # collector at exit it fails noisily ("no current event loop"), so it is closed there now.
+        RemoteExpertWorker.run_coroutine(manager.state.p2p.shutdown())
+        manager.dht.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def load_client(
+    model_dir: Path | str,
+    initial_peers: Sequence[str],
+    dht_prefix: str,
+    request_timeout: float = 30.0,
+    max_retries: int = 3,
+) -> MeshClient:
+    """Load the local parts of the model and join our swarm (never the public one) as a client."""
+    if not initial_peers:
+        raise ValueError("initial_peers must name our own DHT; Petals would otherwise join the public swarm")
+    petals_compat.require_loopback(initial_peers, "initial_peers")
+    petals_compat.install()
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(model_dir),
+        initial_peers=list(initial_peers),
+        dht_prefix=dht_prefix,
+        torch_dtype=torch.float32,
+        request_timeout=request_timeout,
+        max_retries=max_retries,
+        show_route=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # Streamed deltas must add up to decode(); decode's space clean-up would rewrite text already streamed.
+    tokenizer.clean_up_tokenization_spaces = False
+    return MeshClient(model, tokenizer)

@@ -1,0 +1,58 @@
+"""A real loopback Petals swarm for the session: one DHT and two nodes serving halves of the tiny model."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from farmesh.swarm import ManagedProcess, start_dht, start_node
+from farmesh.tiny_model import write_tiny_model
+
+DHT_PREFIX = "farmesh-e2e"
+NODE_BLOCKS = ("0:2", "2:4")
+
+
+@dataclass
+class Swarm:
+    model_dir: Path
+    dht_prefix: str
+    initial_peers: list[str]
+    dht: ManagedProcess
+    nodes: dict[str, ManagedProcess]  # by blocks, e.g. "0:2"
+
+    @property
+    def node_peer_ids(self) -> list[str]:
+        return [node.peer_id for node in self.nodes.values()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    """Session-wide; a test that stops a node must run after every test that needs the full swarm."""
+    workdir = tmp_path_factory.mktemp("swarm")
+    started: list[ManagedProcess] = []
+    try:
+        dht = start_dht(workdir=workdir)
+        started.append(dht)
+        with ThreadPoolExecutor(len(NODE_BLOCKS)) as pool:  # nodes load their blocks in parallel
+            futures = {
+                blocks: pool.submit(start_node, tiny_model_dir, blocks, [dht.maddr], DHT_PREFIX, workdir=workdir)
+                for blocks in NODE_BLOCKS
+            }
+            errors = [future.exception() for future in futures.values()]
+        nodes = {blocks: future.result() for blocks, future in futures.items() if future.exception() is None}
+        started.extend(nodes.values())
+        for error in errors:
+            if error is not None:
+                raise error
+        yield Swarm(tiny_model_dir, DHT_PREFIX, [dht.maddr], dht, nodes)
+    finally:
+        for process in reversed(started):
+            process.stop()

@@ -1,0 +1,116 @@
+"""Generation through a real two-node swarm matches plain transformers, and the work record is exact.
+
+The tests share one swarm and one client; the last test stops a node.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from farmesh.generation import GenerationError, MeshClient, _TextStream, load_client
+
+if TYPE_CHECKING:
+    from conftest import Swarm
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Hello mesh, café ☃ — what comes next?"
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def client(swarm: Swarm) -> Iterator[MeshClient]:
+    with load_client(swarm.model_dir, swarm.initial_peers, swarm.dht_prefix, request_timeout=10, max_retries=2) as c:
+        yield c
+
+
+def _reference_ids(swarm: Swarm, prompt: str, max_new_tokens: int) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(swarm.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(swarm.model_dir)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id
+        )
+    return output[0, input_ids.shape[1]:].tolist()
+
+
+def test_stream_matches_transformers_greedy_and_records_spans(swarm: Swarm, client: MeshClient) -> None:
+    calls: list[tuple[int, int, str]] = []
+    started = time.perf_counter()
+    result = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *call: calls.append(call))
+    elapsed = time.perf_counter() - started
+    print(f"\n{len(result.token_ids)} tokens in {elapsed:.2f} s ({len(result.token_ids) / elapsed:.1f} tok/s)")
+
+    expected_ids = _reference_ids(swarm, PROMPT, MAX_NEW_TOKENS)
+    assert result.token_ids == expected_ids
+    assert result.text == client.tokenizer.decode(expected_ids, skip_special_tokens=True)
+    assert [(index, token_id) for index, token_id, _ in calls] == list(enumerate(expected_ids))
+    assert "".join(delta for _, _, delta in calls) == result.text
+    assert result.prompt_tokens == len(client.tokenizer(PROMPT).input_ids)
+    assert result.finish_reason == ("stop" if expected_ids[-1] == client.tokenizer.eos_token_id else "length")
+
+    # The prompt goes in on the first step, then each generated token but the last: P + N - 1 positions.
+    processed = result.prompt_tokens + len(result.token_ids) - 1
+    assert sorted((s.start_block, s.end_block, s.tokens_processed) for s in result.spans) == [
+        (0, 2, processed),
+        (2, 4, processed),
+    ]
+    assert {s.peer_id for s in result.spans} == set(swarm.node_peer_ids)
+
+
+def test_eos_stops_generation(client: MeshClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    eos = client.tokenizer.eos_token_id
+    vocab_size = client.model.config.vocab_size
+    # A head that always predicts EOS; the blocks still run remotely.
+    monkeypatch.setattr(
+        client.model.lm_head, "forward", lambda hidden: torch.nn.functional.one_hot(torch.tensor([[eos]]), vocab_size)
+    )
+    calls: list[tuple[int, int, str]] = []
+    result = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *call: calls.append(call))
+    assert (result.token_ids, result.text, result.finish_reason) == ([eos], "", "stop")
+    assert calls == [(0, eos, "")]
+    assert [s.tokens_processed for s in result.spans] == [result.prompt_tokens] * 2
+
+
+def test_failure_mid_generation_carries_the_partial_result(client: MeshClient) -> None:
+    delivered: list[int] = []
+
+    def on_token(index: int, token_id: int, delta: str) -> None:
+        if index == 3:
+            raise ConnectionResetError("client went away")
+        delivered.append(token_id)
+
+    with pytest.raises(GenerationError) as caught:
+        client.generate_stream(PROMPT, MAX_NEW_TOKENS, on_token)
+    partial = caught.value.partial
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+    assert partial.token_ids == delivered and len(delivered) == 3
+    assert partial.finish_reason == "error"
+    # Token 3 was computed (its input, token 2, was fed) but not delivered.
+    assert [s.tokens_processed for s in partial.spans] == [partial.prompt_tokens + 3] * 2
+
+
+def test_text_stream_holds_back_partial_utf8(swarm: Swarm) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(swarm.model_dir)
+    text = "naïve ☃ 😀 日本"
+    # One byte per token, so multi-byte characters arrive split across tokens.
+    words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    ids = [tokenizer.convert_tokens_to_ids(byte_char) for word, _ in words for byte_char in word]
+    stream = _TextStream(tokenizer)
+    deltas = [stream.push(token_id, final=i == len(ids) - 1) for i, token_id in enumerate(ids)]
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_full_route_tracks_node_availability(swarm: Swarm, client: MeshClient) -> None:
+    assert client.full_route_available()
+    swarm.nodes["2:4"].stop()
+    started = time.monotonic()
+    assert not client.full_route_available(timeout=5.0)
+    assert time.monotonic() - started < 12.0

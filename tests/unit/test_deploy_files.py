@@ -1,0 +1,554 @@
+"""Static checks of compose.yaml, deploy/Dockerfile, deploy/prometheus.yml and .dockerignore.
+
+No Docker engine is needed: the files are parsed and checked against the code they run. Every command a
+service runs is parsed by the real `farmesh` click tree, every FARMESH_* name must be a Settings field or an
+envvar the CLI declares, so renaming a command, a flag or a setting makes these tests fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import click
+import pytest
+import yaml
+
+from farmesh.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_PATH = ROOT / "compose.yaml"
+DOCKERFILE_PATH = ROOT / "deploy" / "Dockerfile"
+PROMETHEUS_PATH = ROOT / "deploy" / "prometheus.yml"
+DOCKERIGNORE_PATH = ROOT / ".dockerignore"
+MAKEFILE_PATH = ROOT / "Makefile"
+
+EXPECTED_SERVICES = {
+    "kafka", "postgres", "migrate", "model", "swarm-identity", "swarm", "dht", "node1", "node2", "node-gpu",
+    "worker", "ledger", "gateway", "prometheus",
+}
+# Services of the farmesh image that do not run `farmesh`, and why.
+HELPER_SERVICES = {
+    "swarm-identity": "writes the DHT identity and its multiaddr; `farmesh` has no command for that yet",
+    "swarm": "pause container holding the network namespace the swarm's processes share",
+}
+# Variables of third-party images (apache/kafka, postgres) that compose.yaml may set or interpolate.
+IMAGE_VAR_PREFIXES = ("KAFKA_", "POSTGRES_")
+IMAGE_VARS = {"CLUSTER_ID"}
+# What the brief promises every farmesh service gets from the shared x-farmesh-env anchor.
+REQUIRED_SHARED_ENV = {
+    "FARMESH_KAFKA_BOOTSTRAP", "FARMESH_DATABASE_URL", "FARMESH_INITIAL_PEERS", "FARMESH_MODEL",
+    "FARMESH_DHT_PREFIX", "FARMESH_PRICE_PER_TOKEN",
+}
+LOOPBACK = "127.0.0.1"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+# Compose interpolation: $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $VAR.
+_INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
+# Variables the container's shell expands: $$VAR or $${VAR...} in the compose file.
+_SHELL_VARIABLE = re.compile(r"\$\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: Any) -> Any:
+    """Resolve compose interpolation with an empty host environment (so every default applies)."""
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            if match["escaped"]:
+                return "$"
+            if match["op"] in (":-", "-"):
+                return match["arg"]
+            return ""
+        return _INTERPOLATION.sub(substitute, value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from strings_in(item)
+
+
+def as_argv(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    current = ""
+    for raw in DOCKERFILE_PATH.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not line and not current):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        if current.strip():
+            keyword, _, rest = current.strip().partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+        current = ""
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict[str, dict]:
+    return {name: interpolate(service) for name, service in compose["services"].items()}
+
+
+@pytest.fixture(scope="module")
+def farmesh_cli() -> click.Group:
+    from farmesh.cli import _register, cli
+
+    _register()
+    return cli
+
+
+@pytest.fixture(scope="module")
+def image_entrypoint() -> list[str]:
+    entrypoints = [json.loads(rest) for keyword, rest in dockerfile_instructions() if keyword == "ENTRYPOINT"]
+    assert entrypoints, "deploy/Dockerfile has no ENTRYPOINT"
+    return entrypoints[-1]
+
+
+def is_farmesh_image(service: dict) -> bool:
+    build = service.get("build")
+    dockerfile = build.get("dockerfile") if isinstance(build, dict) else None
+    return dockerfile == "deploy/Dockerfile" or str(service.get("image", "")).startswith("farmesh:")
+
+
+def farmesh_argv(name: str, service: dict, entrypoint: list[str]) -> list[str]:
+    """The `farmesh` arguments a service runs (after `farmesh`), seen through the swarm wrapper if any."""
+    argv = as_argv(service["entrypoint"]) if "entrypoint" in service else list(entrypoint)
+    argv += as_argv(service.get("command"))
+    if argv[:2] == ["sh", "-c"]:
+        script, zero, *args = argv[2:]
+        assert zero == "farmesh" and re.search(r'exec farmesh "\$@"\s*$', script), (
+            f"{name}: a shell entrypoint must end with `exec farmesh \"$@\"` and name `farmesh` as $0")
+        return args
+    assert argv[:1] == ["farmesh"], f"{name}: runs {argv[:1]}, not farmesh"
+    return argv[1:]
+
+
+def resolve(cli: click.Group, argv: list[str]) -> tuple[click.Command, list[str], list[str]]:
+    """(command, its arguments, its path) for `farmesh ARGV`; fails on an unknown (sub)command."""
+    command: click.Command = cli
+    path: list[str] = []
+    args = list(argv)
+    while isinstance(command, click.Group):
+        assert args, f"`farmesh {' '.join(path)}` needs a subcommand"
+        name = args.pop(0)
+        assert name in command.commands, (
+            f"`farmesh {' '.join(path + [name])}`: no such command (have {sorted(command.commands)})")
+        command = command.commands[name]
+        path.append(name)
+    return command, args, path
+
+
+def parse(command: click.Command, args: list[str]) -> dict[str, Any]:
+    """Parse with click's own option parser, then check values (paths are container paths: not checked)."""
+    parser = command.make_parser(click.Context(command))
+    values, extra, _ = parser.parse_args(list(args))
+    assert not extra, f"{command.name}: unexpected arguments {extra}"
+    for param in command.params:
+        value = values.get(param.name)
+        if value is None:
+            assert not param.required, f"{command.name}: required {param.name} is missing"
+            continue
+        if isinstance(param.type, click.Path):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            param.type.convert(item, param, None)  # raises BadParameter (ints, floats, choices)
+    return values
+
+
+def invocations(services: dict[str, dict], cli: click.Group, entrypoint: list[str]) -> dict[str, tuple]:
+    """service -> (command path, parsed values) for every service that runs `farmesh`."""
+    result = {}
+    for name, service in services.items():
+        if not is_farmesh_image(service) or name in HELPER_SERVICES:
+            continue
+        command, args, path = resolve(cli, farmesh_argv(name, service, entrypoint))
+        result[name] = (tuple(path), command, parse(command, args))
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(services: dict, farmesh_cli: click.Group, image_entrypoint: list[str]) -> dict[str, tuple]:
+    return invocations(services, farmesh_cli, image_entrypoint)
+
+
+def cli_envvars(group: click.Command) -> set[str]:
+    names = set()
+    for param in group.params:
+        envvar = param.envvar
+        names.update([envvar] if isinstance(envvar, str) else envvar or [])
+    for sub in getattr(group, "commands", {}).values():
+        names |= cli_envvars(sub)
+    return names
+
+
+def allowed_farmesh_names(cli: click.Group) -> set[str]:
+    fields = {f"FARMESH_{field.upper()}" for field in Settings.model_fields}
+    return fields | {n for n in cli_envvars(cli) if n.startswith("FARMESH_")}
+
+
+def pod_of(service: dict, name: str) -> str:
+    mode = service.get("network_mode", "")
+    return mode.removeprefix("service:") if mode.startswith("service:") else name
+
+
+def published_ports(service: dict) -> list[tuple[str, int, int]]:
+    """(host ip, host port, container port) of each published port."""
+    result = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            result.append((port.get("host_ip", ""), int(port["published"]), int(port["target"])))
+            continue
+        parts = str(port).split("/")[0].split(":")
+        if len(parts) == 3:
+            result.append((parts[0], int(parts[1]), int(parts[2])))
+        elif len(parts) == 2:
+            result.append(("", int(parts[0]), int(parts[1])))
+        else:
+            result.append(("", 0, int(parts[0])))
+    return result
+
+
+def listen_address(command: click.Command, values: dict) -> tuple[str, int] | None:
+    """Where a service's HTTP server (gateway, or /metrics of a consumer) listens, from its flags."""
+    def default(param_name: str) -> Any:
+        return next(p.default for p in command.params if p.name == param_name)
+
+    names = {p.name for p in command.params}
+    if {"metrics_host", "metrics_port"} <= names:
+        return values.get("metrics_host") or default("metrics_host"), int(values.get("metrics_port") or default("metrics_port"))
+    if {"host", "port"} <= names and command.name == "gateway":
+        fields = Settings.model_fields
+        return (values.get("host") or fields["gateway_host"].default,
+                int(values.get("port") or fields["gateway_port"].default))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_compose_file_shape(compose: dict) -> None:
+    assert "version" not in compose, "Compose spec files have no `version:` key"
+    assert set(compose["services"]) == EXPECTED_SERVICES
+    assert "x-farmesh-env" in compose
+    for name, service in compose["services"].items():
+        assert "image" in service or "build" in service, name
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose.get("volumes", {}), f"{name}: named volume {source!r} is not declared"
+
+
+def test_every_farmesh_service_runs_a_real_subcommand(services: dict, runs: dict, image_entrypoint: list) -> None:
+    assert image_entrypoint == ["farmesh"]
+    farmesh_services = {n for n, s in services.items() if is_farmesh_image(s)}
+    assert farmesh_services - set(HELPER_SERVICES) == set(runs)
+    assert {path for path, _, _ in runs.values()} >= {
+        ("db", "migrate"), ("model", "tiny"), ("dht",), ("node",), ("worker",), ("ledger",), ("gateway",),
+    }
+
+
+def test_helper_services_are_one_shots_or_the_pod(services: dict) -> None:
+    identity = services["swarm-identity"]
+    assert as_argv(identity["entrypoint"])[:2] == ["python", "-c"]
+    assert identity.get("restart") == "no"
+    assert as_argv(services["swarm"]["entrypoint"]) == ["sleep", "infinity"]
+    assert services["swarm"].get("init") is True
+
+
+def test_environment_names_are_known(compose: dict, services: dict, farmesh_cli: click.Group) -> None:
+    allowed = allowed_farmesh_names(farmesh_cli)
+    referenced = set()
+    for text in strings_in(compose):
+        for match in _INTERPOLATION.finditer(text):
+            if not match["escaped"]:
+                referenced.add(match["braced"] or match["named"])
+        referenced.update(_SHELL_VARIABLE.findall(text))
+    for service in services.values():
+        referenced.update(env_of(service))
+    assert referenced, "no environment variable found at all"
+    for name in sorted(referenced):
+        if name.startswith("FARMESH_"):
+            assert name in allowed, f"{name} is neither a Settings field nor an envvar of the farmesh CLI"
+        else:
+            assert name.startswith(IMAGE_VAR_PREFIXES) or name in IMAGE_VARS, f"unknown variable {name}"
+
+
+def test_farmesh_services_share_one_env_anchor(compose: dict, services: dict) -> None:
+    shared = interpolate(compose["x-farmesh-env"])
+    assert REQUIRED_SHARED_ENV <= set(shared)
+    for name, service in services.items():
+        if is_farmesh_image(service):
+            assert env_of(service) == {k: str(v) for k, v in shared.items()}, f"{name} does not use x-farmesh-env"
+            assert all(k.startswith("FARMESH_") for k in env_of(service)), name
+
+
+def test_shared_env_is_valid_settings(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("FARMESH_"):
+            monkeypatch.delenv(key)
+    shared = {k: str(v) for k, v in interpolate(compose["x-farmesh-env"]).items()}
+    for key, value in shared.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.kafka_bootstrap == "kafka:9092"
+    assert settings.database_url and settings.database_url.startswith("postgresql://") and "@postgres:5432/" in settings.database_url
+    assert settings.initial_peers == []  # filled in at run time from the DHT's multiaddr file
+    assert settings.model == "/models/tiny"
+    assert settings.dht_prefix
+
+
+def test_consumer_groups_have_services(runs: dict, farmesh_cli: click.Group) -> None:
+    from schemas import topics
+
+    groups = {value for key, value in vars(topics).items() if key.startswith("GROUP_")}
+    consumers: dict[str, set[str]] = {}
+    for name, command in farmesh_cli.commands.items():
+        match = re.match(r"Consumer group `([^`]+)`", (command.help or "").strip())
+        if match:
+            consumers.setdefault(match[1], set()).add(name)
+    assert set(consumers) <= groups, f"commands name unknown consumer groups: {set(consumers) - groups}"
+    assert {"inference", "ledger"} <= set(consumers), "the worker/ledger help must say which group they consume"
+    running = {path[0] for path, _, _ in runs.values()}
+    for group, commands in consumers.items():
+        assert commands & running, f"consumer group {group!r} ({sorted(commands)}) has no service in compose.yaml"
+
+
+def test_published_ports_are_loopback_only(services: dict, runs: dict) -> None:
+    for name, service in services.items():
+        for host_ip, _, _ in published_ports(service):
+            assert host_ip == LOOPBACK, f"{name} publishes a port on {host_ip or 'all interfaces'}"
+    gateways = [n for n, (path, _, _) in runs.items() if path == ("gateway",)]
+    assert gateways == ["gateway"]
+    path, command, values = runs["gateway"]
+    host, port = listen_address(command, values)
+    assert host == "0.0.0.0", "the gateway must listen on the compose network inside its container"
+    pod = services[pod_of(services["gateway"], "gateway")]
+    assert (LOOPBACK, port, port) in published_ports(pod), "the gateway's port is not published on 127.0.0.1"
+
+
+def test_services_wait_for_their_dependencies(compose: dict, services: dict, runs: dict) -> None:
+    for name in ("kafka", "postgres"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert runs["migrate"][0] == ("db", "migrate")
+    for name, (path, command, _) in runs.items():
+        params = {p.name for p in command.params}
+        if not params & {"kafka_bootstrap", "database_url"} or path == ("db", "migrate"):
+            continue
+        depends = services[name].get("depends_on", {})
+        assert depends.get("kafka", {}).get("condition") == "service_healthy", name
+        assert depends.get("postgres", {}).get("condition") == "service_healthy", name
+        assert depends.get("migrate", {}).get("condition") == "service_completed_successfully", name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for one_shot in ("migrate", "model", "swarm-identity"):
+        assert services[one_shot].get("restart") == "no", one_shot
+
+
+def test_kafka_is_single_node_kraft(services: dict) -> None:
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = env_of(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    bootstrap = env_of(services["ledger"])["FARMESH_KAFKA_BOOTSTRAP"]
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{bootstrap}"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{env['KAFKA_NODE_ID']}@kafka:")
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert services["postgres"]["image"].startswith("postgres:16")
+
+
+def test_swarm_topology(services: dict, runs: dict) -> None:
+    from farmesh.petals_compat import is_loopback_maddr
+    from farmesh.tiny_model import tiny_config
+
+    dht = runs["dht"]
+    assert dht[0] == ("dht",)
+    nodes = {n: r for n, r in runs.items() if r[0] == ("node",)}
+    assert set(nodes) == {"node1", "node2", "node-gpu"}
+    pod = pod_of(services["dht"], "dht")
+    assert pod == "swarm" and pod_of(services["swarm"], "swarm") == "swarm"
+    # Everything that speaks libp2p shares the pod's loopback (farmesh refuses non-loopback multiaddrs).
+    for name, (path, command, _) in runs.items():
+        if path == ("node",) or "initial_peers" in {p.name for p in command.params}:
+            assert pod_of(services[name], name) == pod, f"{name} must run in the swarm pod"
+            assert as_argv(services[name]["entrypoint"])[:2] == ["sh", "-c"], f"{name} must get the DHT's maddr"
+            assert "swarm-state:/swarm:ro" in services[name]["volumes"], name
+            assert services[name]["depends_on"]["dht"]["condition"] == "service_healthy", name
+    # Distinct fixed ports inside the pod.
+    ports = [int(values["port"]) for _, (path, _, values) in runs.items() if path in (("dht",), ("node",))]
+    assert len(ports) == len(set(ports))
+    # CPU nodes split the tiny model's blocks; the GPU node is opt-in, on CUDA, with a GPU reserved.
+    layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
+    spans = sorted(tuple(int(b) for b in nodes[n][2]["blocks"].split(":")) for n in ("node1", "node2"))
+    assert spans[0][0] == 0 and spans[-1][1] == layers
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    for name in ("node1", "node2"):
+        assert nodes[name][2].get("device") in (None, "cpu") and "profiles" not in services[name]
+    gpu = services["node-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert nodes["node-gpu"][2]["device"] == "cuda" and nodes["node-gpu"][2]["torch_dtype"] == "float16"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    build_args = {keyword_rest.split("=")[0] for keyword, keyword_rest in dockerfile_instructions() if keyword == "ARG"}
+    assert set(gpu["build"]["args"]) <= build_args
+    # Model: the nodes serve the directory the clients load (FARMESH_MODEL), written by the `model` one-shot.
+    model_dir = env_of(services["worker"])["FARMESH_MODEL"]
+    assert runs["model"][0] == ("model", "tiny") and runs["model"][2]["directory"] == model_dir
+    for name, (path, command, values) in runs.items():
+        if path == ("node",):
+            assert values["model_dir"] == model_dir, name
+            assert services[name]["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        if path in (("node",), ("worker",), ("gateway",), ("model", "tiny")):
+            assert any(str(v).startswith("models:/models") for v in services[name]["volumes"]), name
+    # The DHT listens on the port and identity that swarm-identity announces.
+    script = as_argv(services["swarm-identity"]["command"])[0]
+    key_path, port = re.search(r'key, port = "([^"]+)", (\d+)', script).groups()
+    assert dht[2]["identity_path"] == key_path and int(dht[2]["port"]) == int(port)
+    assert dht[2].get("host") in (None, LOOPBACK)
+    assert is_loopback_maddr(f"/ip4/{LOOPBACK}/tcp/{port}")
+
+
+def test_swarm_identity_and_entrypoint_work(tmp_path: Path, compose: dict, services: dict) -> None:
+    """Run the identity script and the entrypoint wrapper for real, on a temporary /swarm."""
+    from hivemind.p2p import PeerID
+
+    swarm_dir = tmp_path / "swarm"
+    swarm_dir.mkdir()
+    script = as_argv(services["swarm-identity"]["command"])[0].replace("/swarm/", f"{swarm_dir}/")
+
+    def identity() -> str:
+        exec(compile(script, "swarm-identity", "exec"), {"__name__": "__main__"})  # what `python -c` runs
+        return (swarm_dir / "initial-peers").read_text().strip()
+
+    maddr = identity()
+    peer_id = PeerID.from_identity((swarm_dir / "dht.key").read_bytes())
+    assert maddr.endswith(f"/p2p/{peer_id}") and maddr.startswith(f"/ip4/{LOOPBACK}/tcp/")
+    assert identity() == maddr, "the DHT's peer id must stay the same across runs"
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "farmesh"
+    stub.write_text('#!/bin/sh\necho "peers=$FARMESH_INITIAL_PEERS args=$*"\n')
+    stub.chmod(0o755)
+    wrapper = as_argv(services["node1"]["entrypoint"])
+    assert "/swarm/initial-peers" in wrapper[2]
+    wrapper[2] = wrapper[2].replace("/swarm/", f"{swarm_dir}/")
+    base_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for preset, expected in (("", maddr), ("/ip4/127.0.0.1/tcp/1/p2p/QmOverride", "/ip4/127.0.0.1/tcp/1/p2p/QmOverride")):
+        out = subprocess.run([*wrapper, "node", "--blocks", "0:2"], env={**base_env, "FARMESH_INITIAL_PEERS": preset},
+                             check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        assert out == f"peers={expected} args=node --blocks 0:2"
+    (swarm_dir / "initial-peers").unlink()
+    failed = subprocess.run([*wrapper, "node"], env=base_env, capture_output=True, text=True, timeout=30)
+    assert failed.returncode != 0, "a missing multiaddr file must stop the service, not start it without peers"
+
+
+def test_prometheus_scrapes_every_metrics_endpoint(compose: dict, services: dict, runs: dict) -> None:
+    config = yaml.safe_load(PROMETHEUS_PATH.read_text())
+    prometheus = services["prometheus"]
+    assert any(str(v).startswith("./deploy/prometheus.yml:/etc/prometheus/prometheus.yml") for v in prometheus["volumes"])
+    # host name -> pod service, from service names and network aliases.
+    hosts = {}
+    for name, service in services.items():
+        if "network_mode" not in service:
+            hosts[name] = name
+            for network in (service.get("networks") or {}).values():
+                for alias in (network or {}).get("aliases", []):
+                    hosts[alias] = name
+    # (pod, port) -> service, for every farmesh HTTP server.
+    endpoints = {}
+    for name, (_, command, values) in runs.items():
+        address = listen_address(command, values)
+        if address:
+            host, port = address
+            assert host == "0.0.0.0", f"{name} must listen beyond its own loopback to be scraped"
+            endpoints[(pod_of(services[name], name), port)] = name
+    assert set(endpoints.values()) == {"gateway", "worker", "ledger"}
+    scraped = {}
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                if host == "localhost":
+                    continue
+                assert host in hosts, f"job {job['job_name']}: {host} is no service or alias in compose.yaml"
+                key = (hosts[host], int(port))
+                assert key in endpoints, f"job {job['job_name']}: nothing of ours listens on {target}"
+                scraped[endpoints[key]] = job["job_name"]
+    assert set(scraped) == set(endpoints.values()), "every /metrics endpoint needs a scrape job"
+    for service, job in scraped.items():
+        assert job == service, f"job {job} should be named after the service it scrapes ({service})"
+
+
+def test_dockerfile_installs_like_the_makefile() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    args = {rest.split("=")[0]: rest.partition("=")[2] for keyword, rest in instructions if keyword == "ARG"}
+    runs = " && ".join(rest for keyword, rest in instructions if keyword == "RUN")
+    makefile = MAKEFILE_PATH.read_text()
+    petals = re.search(r"pip install --no-deps (petals==\S+)", makefile)[1]
+    assert f"petals=={args['PETALS_VERSION']}" == petals, "the image's petals differs from the Makefile's"
+    steps = [
+        runs.index("pip install -r requirements.lock"),
+        runs.index('pip install --no-deps "petals==${PETALS_VERSION}"'),
+        runs.index("pip install --no-deps --no-build-isolation -e ."),
+    ]
+    assert steps == sorted(steps), "install order: lock file, petals --no-deps, project --no-deps"
+    assert "--no-build-isolation -e ." in makefile
+    assert "TORCH_INDEX_URL" in args and "--index-url \"$TORCH_INDEX_URL\"" in runs
+    env = " ".join(rest for keyword, rest in instructions if keyword == "ENV")
+    assert "HF_HUB_OFFLINE=1" in env.split()
+    for name in re.findall(r"\b(FARMESH_[A-Z_]+)=", env):
+        assert name.removeprefix("FARMESH_").lower() in Settings.model_fields, name
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    keywords = [keyword for keyword, _ in instructions]
+    assert keywords.index("USER") < keywords.index("ENTRYPOINT")
+    assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["farmesh"]
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = {line.strip() for line in DOCKERIGNORE_PATH.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for needed in (".git", "**/.venv", ".farmesh/", "**/__pycache__"):
+        assert needed in patterns, needed
+    for kept in ("requirements.lock", "pyproject.toml", "farmesh", "db", "schemas", "README.md"):
+        assert kept not in patterns and f"{kept}/" not in patterns, f"{kept} is needed by the image build"

@@ -1,0 +1,178 @@
+"""Each adaptation in farmesh.petals_compat, checked against the upstream behaviour that makes it necessary.
+
+A failure here means hivemind or petals changed: the adaptation may no longer be needed, or no longer work.
+No daemon is started: P2P.create is stopped at the point where it builds the p2pd command line.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import pytest
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from farmesh import petals_compat
+from farmesh.petals_compat import (
+    FORCED_P2P_OPTIONS,
+    HIVEMIND_REEXPORTS,
+    NonLoopbackAddressError,
+    install,
+    is_loopback_maddr,
+    loopback_maddr,
+)
+
+HIVEMIND_DIR = Path(hivemind.__file__).parent
+PETALS_DIR = Path(importlib.util.find_spec("petals").origin).parent  # found, not imported: that needs install()
+LOOPBACK_PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+
+
+class _DaemonArgs(Exception):
+    """Raised instead of launching p2pd, carrying the keyword flags p2pd would have been started with."""
+
+    def __init__(self, flags: dict[str, Any]):
+        super().__init__(flags)
+        self.flags = flags
+
+
+@pytest.fixture
+def no_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    def capture(*_args: Any, **flags: Any) -> list[str]:
+        raise _DaemonArgs(flags)
+
+    monkeypatch.setattr(P2P, "_make_process_args", staticmethod(capture))
+
+
+def _names_bound_by_hivemind_package() -> set[str]:
+    tree = ast.parse((HIVEMIND_DIR / "__init__.py").read_text())
+    names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    names |= {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              for target in node.targets if isinstance(target, ast.Name)}
+    # Subpackages become attributes of `hivemind` once anything imports them.
+    names |= {path.stem for path in HIVEMIND_DIR.iterdir() if not path.name.startswith("_")}
+    return names
+
+
+def _names_petals_takes_from_hivemind() -> set[str]:
+    names = set()
+    for source in PETALS_DIR.rglob("*.py"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # petals has invalid escapes in some strings
+            tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "hivemind" and node.level == 0:
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "hivemind":
+                names.add(node.attr)
+    return names
+
+
+def test_reexports_are_exactly_what_petals_needs_and_hivemind_lacks() -> None:
+    missing = _names_petals_takes_from_hivemind() - _names_bound_by_hivemind_package()
+    assert missing == set(HIVEMIND_REEXPORTS)
+
+
+def test_after_install_petals_imports_with_the_real_objects() -> None:
+    install()
+    for name, module_name in HIVEMIND_REEXPORTS.items():
+        assert getattr(hivemind, name) is getattr(importlib.import_module(module_name), name)
+    from petals import AutoDistributedModelForCausalLM  # noqa: F401
+    from petals.server.server import Server  # noqa: F401
+    from petals.utils.ping import PingAggregator  # uses hivemind.TimedStorage at run time
+
+    assert isinstance(PingAggregator(dht=None).ping_emas, hivemind.utils.TimedStorage)
+
+
+def test_install_is_idempotent() -> None:
+    install()
+    patched = P2P.create.__func__
+    install()
+    assert P2P.create.__func__ is patched
+
+
+def test_upstream_p2p_create_defaults_still_need_forcing() -> None:
+    defaults = inspect.signature(petals_compat._ORIGINAL_P2P_CREATE).parameters
+    assert defaults["nat_port_map"].default is True  # the reason for the patch
+    assert set(FORCED_P2P_OPTIONS) <= set(defaults)
+
+
+async def test_unpatched_p2p_create_would_enable_nat_port_mapping(no_daemon: None) -> None:
+    with pytest.raises(_DaemonArgs) as captured:
+        await petals_compat._ORIGINAL_P2P_CREATE(P2P)
+    assert captured.value.flags["natPortMap"] is True
+
+
+async def test_patched_p2p_create_disables_nat_ipfs_and_auto_relay(no_daemon: None) -> None:
+    install()
+    with pytest.raises(_DaemonArgs) as captured:
+        await P2P.create(initial_peers=[LOOPBACK_PEER], nat_port_map=True, use_auto_relay=True)
+    flags = captured.value.flags
+    assert flags["natPortMap"] is False
+    assert flags["autoRelay"] is False
+    assert flags["bootstrapPeers"] == LOOPBACK_PEER  # bootstraps from our peers only, not IPFS
+
+
+async def test_dht_nodes_get_their_daemon_through_the_patch(no_daemon: None) -> None:
+    install()
+    with pytest.raises(_DaemonArgs) as captured:
+        await DHTNode.create(initial_peers=[LOOPBACK_PEER], host_maddrs=[loopback_maddr(4000)])
+    assert captured.value.flags["natPortMap"] is False
+    assert captured.value.flags["hostAddrs"] == loopback_maddr(4000)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_peers": ["/ip4/159.89.214.152/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"]},
+        {"initial_peers": ["/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"]},
+        {"host_maddrs": ["/ip4/0.0.0.0/tcp/4000"]},
+        {"announce_maddrs": ["/ip4/192.168.1.5/tcp/4000"]},
+    ],
+)
+async def test_patched_p2p_create_refuses_non_loopback_addresses(no_daemon: None, kwargs: dict[str, Any]) -> None:
+    install()
+    with pytest.raises(NonLoopbackAddressError):
+        await P2P.create(**kwargs)
+
+
+def test_public_peers_are_refused() -> None:
+    install()
+    from petals.constants import PUBLIC_INITIAL_PEERS
+
+    assert not any(is_loopback_maddr(peer) for peer in PUBLIC_INITIAL_PEERS)
+
+
+def test_upstream_run_server_still_checks_pypi_and_install_disables_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    version_source = ast.parse((PETALS_DIR / "utils" / "version.py").read_text())
+    check = next(n for n in version_source.body if isinstance(n, ast.FunctionDef) and n.name == "validate_version")
+    assert "pypi.python.org" in ast.unparse(check)
+    run_server_source = (PETALS_DIR / "cli" / "run_server.py").read_text()
+    assert "from petals.utils.version import validate_version" in run_server_source
+    assert "validate_version()" in run_server_source
+
+    install()
+    import requests
+    from petals.cli import run_server
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the version check went to the network")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    run_server.validate_version()
+    assert run_server.validate_version is petals_compat._skip_version_check
+
+
+def test_loopback_maddr_helpers() -> None:
+    assert loopback_maddr(31337) == "/ip4/127.0.0.1/tcp/31337"
+    assert is_loopback_maddr(LOOPBACK_PEER)
+    assert is_loopback_maddr("/ip6/::1/tcp/1")
+    assert not is_loopback_maddr("/ip4/10.0.0.1/tcp/1")
+    assert not is_loopback_maddr("/dns/localhost/tcp/1")
+    assert not is_loopback_maddr("garbage")
