@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -135,6 +136,8 @@ def _register() -> None:
 
 
 def main() -> None:
+    # hivemind forks after tokenizers may have started threads; their parallelism only adds a warning here.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
     cli()
 

@@ -25,9 +25,6 @@ from farmesh import local_services, messaging, swarm
 from farmesh.settings import Settings
 from farmesh.tiny_model import write_tiny_model
 
-DEFAULT_MODEL = Settings.model_fields["model"].default
-
-
 class Stopped(Exception):
     """SIGTERM/SIGINT arrived."""
 
@@ -98,9 +95,9 @@ class LocalMesh:
         asyncio.run(messaging.ensure_topics(bootstrap, messaging.mesh_topics(s.topic_partitions)))
         self._say(f"database migrated ({len(applied)} applied), topics ready")
 
-        model_dir = Path(s.model).resolve()
+        model_dir = Path(s.model_dir).resolve()
         if not (model_dir / "config.json").exists():
-            if s.model != DEFAULT_MODEL:
+            if s.model:
                 raise SystemExit(f"FARMESH_MODEL={s.model} is not a model directory")
             write_tiny_model(model_dir)
             self._say(f"wrote the tiny local model to {model_dir}")
@@ -109,13 +106,13 @@ class LocalMesh:
         dht = swarm.start_dht(workdir=self.logs, identity_path=self.data_dir / "dht.identity")
         self._stack.callback(dht.stop)
         self.children.append(dht)
-        self._say(f"DHT bootstrap peer {dht.maddr}")
+        self._say(f"DHT bootstrap peer {dht.maddr} (pid {dht.pid})")
         for i, (a, b) in enumerate(_spans(num_blocks_of(str(model_dir)), self.nodes)):
             node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], s.dht_prefix, workdir=self.logs,
                                     identity_path=self.data_dir / f"node{i}.identity")
             self._stack.callback(node.stop)
             self.children.append(node)
-            self._say(f"node {node.peer_id} serves blocks {a}:{b}")
+            self._say(f"node {node.peer_id} serves blocks {a}:{b} (pid {node.pid})")
 
         if self.gateway_port == 0:
             self.gateway_port = local_services.free_port()

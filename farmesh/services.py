@@ -44,12 +44,12 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
 
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     client = await asyncio.to_thread(
-        load_client, settings.model, settings.initial_peers, settings.dht_prefix,
+        load_client, settings.model_dir, settings.initial_peers, settings.dht_prefix,
         request_timeout=settings.request_timeout, max_retries=settings.max_retries,
     )
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
-    worker.register(broker, client, settings.model, registry)
+    worker.register(broker, client, settings.model_name, registry)
     await _serve(_consumer_app(broker, registry), host, port, "worker")
 
 
@@ -72,7 +72,7 @@ async def run_gateway(settings: Settings) -> None:
     from producers.gateway.app import create_app
 
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
-    view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model))
+    view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model_dir))
     try:
         app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
         await _serve(app, settings.gateway_host, settings.gateway_port, "gateway")

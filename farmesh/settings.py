@@ -22,9 +22,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Multiaddrs of our own DHT bootstrap peers; never the public swarm.
     initial_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # A local model directory (or a hub name where a hub is reachable).
-    model: str = ".farmesh/tiny-model"
-    # The DHT prefix every server and client of one model shares (required for local model paths).
+    # Where the weights are: a local model directory (or a hub name where a hub is reachable).
+    # Unset: the tiny local model in <data_dir>/tiny-model, which `farmesh up` writes if missing.
+    model: str | None = None
+    # The model's name in the mesh: the DHT prefix its blocks are announced under (shared by every
+    # server and client of one model), and the `model` of every request, session and contribution.
     dht_prefix: str = "farmesh-tiny"
     price_per_token: Decimal = Decimal("0.0001")
     topic_partitions: int = 6
@@ -49,6 +51,14 @@ class Settings(BaseSettings):
     def _price_is_exact(cls, value: Decimal) -> Decimal:
         money.to_base_units(value)  # raises on prices finer than one base unit
         return value
+
+    @property
+    def model_dir(self) -> str:
+        return self.model or str(self.data_dir / "tiny-model")
+
+    @property
+    def model_name(self) -> str:
+        return self.dht_prefix
 
     @property
     def price_base_units(self) -> int:

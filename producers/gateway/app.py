@@ -107,7 +107,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
             raise HTTPException(409, f"request_id {body.request_id!r} was already used")
         queue = streams.open(body.request_id)
         request = InferenceRequested(
-            request_id=body.request_id, model=settings.model, prompt=body.prompt, max_tokens=body.max_tokens,
+            request_id=body.request_id, model=settings.model_name, prompt=body.prompt, max_tokens=body.max_tokens,
             price_per_token=settings.price_per_token, reply_topic=reply_topic,
         )
         try:

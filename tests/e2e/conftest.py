@@ -23,9 +23,17 @@ class Swarm:
     dht: ManagedProcess
     nodes: dict[str, ManagedProcess]  # by blocks, e.g. "0:2"
 
+    workdir: Path
+
     @property
     def node_peer_ids(self) -> list[str]:
         return [node.peer_id for node in self.nodes.values()]
+
+    def restart_node(self, blocks: str) -> ManagedProcess:
+        """Bring a stopped node's blocks back (a fresh peer), so later tests see the full swarm again."""
+        self.nodes[blocks].stop()
+        self.nodes[blocks] = start_node(self.model_dir, blocks, self.initial_peers, self.dht_prefix, workdir=self.workdir)
+        return self.nodes[blocks]
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +46,7 @@ def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """Session-wide; a test that stops a node must run after every test that needs the full swarm."""
     workdir = tmp_path_factory.mktemp("swarm")
     started: list[ManagedProcess] = []
+    swarm: Swarm | None = None
     try:
         dht = start_dht(workdir=workdir)
         started.append(dht)
@@ -52,7 +61,10 @@ def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for error in errors:
             if error is not None:
                 raise error
-        yield Swarm(tiny_model_dir, DHT_PREFIX, [dht.maddr], dht, nodes)
+        swarm = Swarm(tiny_model_dir, DHT_PREFIX, [dht.maddr], dht, nodes, workdir)
+        yield swarm
     finally:
+        if swarm is not None:  # nodes may have been restarted: stop the current ones too
+            started.extend(node for node in swarm.nodes.values() if node not in started)
         for process in reversed(started):
             process.stop()

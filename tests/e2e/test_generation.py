@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from farmesh.generation import GenerationError, MeshClient, _TextStream, load_client
+from tests.support.reference import greedy_ids
 
 if TYPE_CHECKING:
     from conftest import Swarm
@@ -29,17 +30,6 @@ def client(swarm: Swarm) -> Iterator[MeshClient]:
         yield c
 
 
-def _reference_ids(swarm: Swarm, prompt: str, max_new_tokens: int) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(swarm.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(swarm.model_dir)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id
-        )
-    return output[0, input_ids.shape[1]:].tolist()
-
-
 def test_stream_matches_transformers_greedy_and_records_spans(swarm: Swarm, client: MeshClient) -> None:
     calls: list[tuple[int, int, str]] = []
     started = time.perf_counter()
@@ -47,7 +37,7 @@ def test_stream_matches_transformers_greedy_and_records_spans(swarm: Swarm, clie
     elapsed = time.perf_counter() - started
     print(f"\n{len(result.token_ids)} tokens in {elapsed:.2f} s ({len(result.token_ids) / elapsed:.1f} tok/s)")
 
-    expected_ids = _reference_ids(swarm, PROMPT, MAX_NEW_TOKENS)
+    expected_ids = greedy_ids(swarm.model_dir, PROMPT, MAX_NEW_TOKENS)
     assert result.token_ids == expected_ids
     assert result.text == client.tokenizer.decode(expected_ids, skip_special_tokens=True)
     assert [(index, token_id) for index, token_id, _ in calls] == list(enumerate(expected_ids))
@@ -111,6 +101,10 @@ def test_text_stream_holds_back_partial_utf8(swarm: Swarm) -> None:
 def test_full_route_tracks_node_availability(swarm: Swarm, client: MeshClient) -> None:
     assert client.full_route_available()
     swarm.nodes["2:4"].stop()
-    started = time.monotonic()
-    assert not client.full_route_available(timeout=5.0)
-    assert time.monotonic() - started < 12.0
+    try:
+        started = time.monotonic()
+        assert not client.full_route_available(timeout=5.0)
+        assert time.monotonic() - started < 12.0
+    finally:
+        swarm.restart_node("2:4")
+    assert client.full_route_available()

@@ -1,0 +1,99 @@
+"""`farmesh up` and `farmesh demo` as a user runs them: real processes, stopped by pid."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from farmesh.local_services import pid_alive
+
+pytestmark = pytest.mark.e2e
+PIDS = re.compile(r"\(pid (\d+)\)")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMESH_")}
+    return {**env, "FARMESH_DATA_DIR": str(tmp_path / "data"),
+            "FARMESH_LOG_LEVEL": "WARNING", **extra}
+
+
+def _stop_leftovers(pids: list[int]) -> list[int]:
+    alive = [p for p in pids if pid_alive(p)]
+    for pid in alive:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+@pytest.mark.skipif(os.environ.get("FARMESH_TEST_KAFKA_BOOTSTRAP") is not None, reason="up starts its own broker")
+async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, database_url):
+    up = subprocess.Popen(
+        [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
+        env=_env(tmp_path, FARMESH_DATABASE_URL=database_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    child_pids: list[int] = []
+    try:
+        line = up.stdout.readline()  # blocks until ready (or exit)
+        assert line.startswith("ready gateway=http://127.0.0.1:"), (line, up.stderr.read() if up.poll() else "")
+        gateway = line.split("=", 1)[1].split()[0]
+        body = {"prompt": "Hello, how are you?", "max_tokens": 100, "request_id": "test-001"}
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", f"{gateway}/api/inference/generate", json=body) as r:
+                lines = [x async for x in r.aiter_lines()]
+            assert r.status_code == 200
+            assert sum(x == "event: token" for x in lines) == 100 and "event: done" in lines
+            conn = await asyncpg.connect(database_url)
+            try:
+                for _ in range(100):
+                    if await conn.fetchval("SELECT count(*) FROM far_session_contributions WHERE request_id='test-001'") == 2:
+                        break
+                    time.sleep(0.1)
+                session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = 'test-001'")
+                rows = await conn.fetch("SELECT * FROM far_session_contributions WHERE request_id = 'test-001'")
+            finally:
+                await conn.close()
+        assert session["status"] == "completed" and session["completion_tokens"] == 100
+        assert len(rows) == 2 and len({r["peer_id"] for r in rows}) == 2
+        assert sum(r["earnings"] for r in rows) == session["cost"] == 100 * session["price_per_token"]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            _, err = up.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            _, err = up.communicate()
+        child_pids = [int(p) for p in PIDS.findall(err)]
+        leftovers = _stop_leftovers(child_pids)
+    assert up.returncode == 0, err[-3000:]
+    assert len(child_pids) >= 6  # broker, dht, 2 nodes, ledger, worker, gateway (PostgreSQL is external here)
+    assert leftovers == [], f"processes left running: {leftovers}"
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path):
+    demo = subprocess.run(
+        [sys.executable, "-m", "farmesh.cli", "demo", "--max-tokens", "20"], env=_env(tmp_path),
+        capture_output=True, text=True, timeout=400,
+    )
+    child_pids = [int(p) for p in PIDS.findall(demo.stderr)]
+    assert _stop_leftovers(child_pids) == []
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    out = demo.stdout
+    assert "embedded PostgreSQL" in demo.stderr and "embedded Kafka-protocol broker" in demo.stderr
+    done = json.loads(out.split("--- ", 2)[2].splitlines()[0])
+    assert done["event"] == "done" and done["usage"]["completion_tokens"] == 20
+    assert "far_session_contributions:" in out
+    table = out.split("far_session_contributions:")[1].splitlines()[2:]
+    rows = [ln.split() for ln in table if ln.startswith("  Qm")]
+    assert [r[1] for r in rows] == ["0:2", "2:4"] and all(int(r[2]) == int(rows[0][2]) > 20 for r in rows)
