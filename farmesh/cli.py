@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 import click
@@ -138,6 +139,8 @@ def _register() -> None:
 def main() -> None:
     # hivemind forks after tokenizers may have started threads; their parallelism only adds a warning here.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers 4.33 warns about a torch API rename on import; it is the pinned pair, not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     _register()
     cli()
 
