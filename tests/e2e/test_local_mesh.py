@@ -37,7 +37,8 @@ def _stop_leftovers(pids: list[int]) -> list[int]:
 
 
 @pytest.mark.skipif(os.environ.get("FARMESH_TEST_KAFKA_BOOTSTRAP") is not None, reason="up starts its own broker")
-async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, database_url):
+async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empty_database_url):
+    database_url = empty_database_url  # `up` migrates it itself
     up = subprocess.Popen(
         [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
         env=_env(tmp_path, FARMESH_DATABASE_URL=database_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -25,7 +25,7 @@ MODEL = "tiny"
 
 @pytest.fixture
 async def mesh(kafka_bootstrap, database_url, db_pool):
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, model=MODEL, max_new_tokens=200)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, dht_prefix=MODEL, max_new_tokens=200)
     await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     brokers = []
     for name, setup in (
