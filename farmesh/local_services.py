@@ -20,13 +20,16 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -37,6 +40,18 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _on_a_port(port: int | None, start: Callable[[int], T]) -> T:
+    """start(port); with no port given, on a free one, retried on others if it was taken meanwhile."""
+    attempts = 1 if port is not None else 3
+    for attempt in range(attempts):
+        try:
+            return start(port if port is not None else free_port())
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def pid_alive(pid: int) -> bool:
@@ -175,16 +190,7 @@ def start_broker(data_dir: Path, port: int | None = None, *, timeout: float = 20
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = noida_binary()
-    attempts = 1 if port is not None else 3
-    last_error: Exception | None = None
-    for _ in range(attempts):
-        chosen = port if port is not None else free_port()
-        try:
-            return _start_broker_once(binary, data_dir, chosen, timeout)
-        except RuntimeError as exc:
-            last_error = exc
-    assert last_error is not None
-    raise last_error
+    return _on_a_port(port, lambda chosen: _start_broker_once(binary, data_dir, chosen, timeout))
 
 
 def _start_broker_once(binary: Path, data_dir: Path, port: int, timeout: float) -> LocalBroker:
@@ -403,16 +409,7 @@ def start_postgres(data_dir: Path, port: int | None = None, *, timeout: float = 
                  "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions"],
                 run_as, timeout, data_dir)
 
-    attempts = 1 if port is not None else 3
-    last_error: Exception | None = None
-    for _ in range(attempts):
-        chosen = port if port is not None else free_port()
-        try:
-            return _start_postgres_once(data_dir, chosen, run_as, timeout)
-        except RuntimeError as exc:
-            last_error = exc
-    assert last_error is not None
-    raise last_error
+    return _on_a_port(port, lambda chosen: _start_postgres_once(data_dir, chosen, run_as, timeout))
 
 
 def _start_postgres_once(data_dir: Path, port: int, run_as: _RunAs, timeout: float) -> LocalPostgres:

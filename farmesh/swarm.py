@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import click
 
 from farmesh import petals_compat
+from farmesh.local_services import free_port
 from farmesh.petals_compat import DEFAULT_DHT_PREFIX, LOOPBACK_HOST, loopback_maddr
 
 if TYPE_CHECKING:
@@ -35,12 +35,6 @@ _SOCKET_PATH = re.compile(r"^/tmp/hivemind-[^/]+\.sock$")
 
 class SwarmProcessError(RuntimeError):
     """A swarm process exited or stalled before it reported ready."""
-
-
-def free_port(host: str = LOOPBACK_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def parse_peers(value: str) -> list[str]:

@@ -19,6 +19,7 @@ from producers.gateway.app import create_app
 from schemas import topics
 from tests.support.kafka import read_all, wait_caught_up
 from tests.support.reference import greedy_ids
+from tests.support.consumers import running
 from tests.support.services import serve
 from tests.support.sse import read_events
 
@@ -32,27 +33,19 @@ MAX_TOKENS = 30
 async def gateway(swarm, kafka_bootstrap, database_url, db_pool):
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, model=str(swarm.model_dir),
                         initial_peers=swarm.initial_peers, dht_prefix=swarm.dht_prefix)
-    await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     client = await asyncio.to_thread(load_client, swarm.model_dir, swarm.initial_peers, swarm.dht_prefix,
                                      request_timeout=10, max_retries=2)
     view = await asyncio.to_thread(SwarmView, swarm.initial_peers, swarm.dht_prefix, 4)
-    brokers = []
-    for name, setup in (
-        (topics.GROUP_INFERENCE, lambda b, r: worker.register(b, client, settings.model_name, r)),
-        (topics.GROUP_LEDGER, lambda b, r: ledger.register(b, db_pool, r)),
-    ):
-        registry = CollectorRegistry()
-        broker = messaging.create_broker(kafka_bootstrap, name, registry)
-        setup(broker, registry)
-        await broker.start()
-        brokers.append(broker)
+    groups = {
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, client, settings.model_name, r),
+        topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
+    }
     try:
         app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
-        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=120) as http:
-            yield http
+        async with running(kafka_bootstrap, groups), serve(app) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                yield http
     finally:
-        for broker in brokers:
-            await broker.stop()
         view.shutdown()
         client.close()
 

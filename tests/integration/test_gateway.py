@@ -7,14 +7,13 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 
 from consumers.inference import worker
 from consumers.ledger import consumer as ledger
-from farmesh import messaging
 from farmesh.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
+from tests.support.consumers import running
 from tests.support.services import serve
 from tests.support.sse import read_events
 from tests.unit.test_worker import FakeGenerator
@@ -26,27 +25,18 @@ MODEL = "tiny"
 @pytest.fixture
 async def mesh(kafka_bootstrap, database_url, db_pool):
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, dht_prefix=MODEL, max_new_tokens=200)
-    await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
-    brokers = []
-    for name, setup in (
-        (topics.GROUP_INFERENCE, lambda b, r: worker.register(b, FakeGenerator(), MODEL, r)),
-        (topics.GROUP_LEDGER, lambda b, r: ledger.register(b, db_pool, r)),
-    ):
-        registry = CollectorRegistry()
-        broker = messaging.create_broker(kafka_bootstrap, name, registry)
-        setup(broker, registry)
-        await broker.start()
-        brokers.append(broker)
     route = {"ok": True}
 
     async def route_check() -> bool:
         return route["ok"]
 
-    async with serve(create_app(settings, route_check)) as url:
+    groups = {
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r),
+        topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
+    }
+    async with running(kafka_bootstrap, groups), serve(create_app(settings, route_check)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             yield client, route
-    for b in brokers:
-        await b.stop()
 
 
 async def generate(client, body):
