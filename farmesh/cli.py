@@ -139,6 +139,9 @@ def _register() -> None:
 def main() -> None:
     # hivemind forks after tokenizers may have started threads; their parallelism only adds a warning here.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Models are local directories; never let transformers or the hub client reach out.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # transformers 4.33 warns about a torch API rename on import; it is the pinned pair, not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     _register()
