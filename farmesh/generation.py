@@ -184,6 +184,8 @@ def load_client(
     dht_prefix: str,
     request_timeout: float = 30.0,
     max_retries: int = 3,
+    update_period: float = 5.0,
+    max_backoff: float = 2.0,
 ) -> MeshClient:
     """Load the local parts of the model and join our swarm (never the public one) as a client."""
     if not initial_peers:
@@ -200,6 +202,10 @@ def load_client(
         torch_dtype=torch.float32,
         request_timeout=request_timeout,
         max_retries=max_retries,
+        # A dead server is noticed by its failed request; fresh routes and short backoffs let the session move
+        # to a spare within seconds instead of Petals' defaults (60 s refresh, backoff up to 60 s).
+        update_period=update_period,
+        max_backoff=max_backoff,
         show_route=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

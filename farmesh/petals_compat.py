@@ -11,6 +11,7 @@ import importlib
 import inspect
 import ipaddress
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,9 +86,7 @@ def install() -> None:
     _restore_hivemind_reexports()
     _patch_p2p_create()
     _disable_version_check()
-    # FAILOVER FIX (petals#587, "Broken input cache"): the replacement per-server inference session must
-    # start at position (history length - new inputs). That patch belongs here, in its own function with
-    # its own test; it is deliberately not applied yet.
+    _fix_inference_failover()
 
 
 def _restore_hivemind_reexports() -> None:
@@ -126,3 +125,65 @@ def _disable_version_check() -> None:
     run_server = sys.modules.get("petals.cli.run_server")
     if run_server is not None:
         run_server.validate_version = _skip_version_check
+
+
+# --------------------------------------------------------------------------- failover (petals#587)
+
+_step_tokens = threading.local()  # how many new tokens the running InferenceSession.step feeds
+
+
+def _fix_inference_failover() -> None:
+    """Let an inference session survive a server dying mid-generation (petals#587, "Broken input cache").
+
+    When a server fails, petals 2.2 hands the failed per-server session's input history to its replacement
+    but starts the replacement at position 0, so every retry trips the "Broken input cache" assertion and
+    generation never recovers. Here a replacement starts at (history length - new tokens): its first step
+    sends the whole history, the new server rebuilds its attention cache from it, and only the outputs of
+    the new tokens go on. When the failed span is replaced by several servers, the first ones hand the
+    whole prefix on to the fresh ones behind them, so each of those rebuilds its cache too.
+    """
+    from petals.client import inference_session as module
+
+    server_step = module._ServerInferenceSession.step
+    if getattr(server_step, "__farmesh_failover__", False):
+        return
+    session_step = module.InferenceSession.step
+
+    @functools.wraps(session_step)
+    def step(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        _step_tokens.n = inputs.shape[1]
+        try:
+            return session_step(self, inputs, *args, **kwargs)
+        finally:
+            _step_tokens.n = None
+
+    @functools.wraps(server_step)
+    def server_session_step(self: Any, inputs: Any, prompts: Any, hypo_ids: Any, *, step_id: str) -> Any:
+        new = getattr(_step_tokens, "n", None) or inputs.shape[1]
+        if not self.stepped and self.history is not None and self._position == 0 and self.history.shape[1] > new:
+            self._position = self.history.shape[1] - new  # a replacement: the history is all but the new tokens
+            inputs = inputs[:, -new:]
+        outputs = server_step(self, inputs, prompts, hypo_ids, step_id=step_id)
+        hand_on_prefix = self.next_session is not None and not self.next_session.stepped
+        return outputs if hand_on_prefix else outputs[:, -new:]
+
+    server_session_step.__farmesh_failover__ = True  # type: ignore[attr-defined]
+    module._ServerInferenceSession.step = server_session_step
+    module.InferenceSession.step = step
+
+
+# --------------------------------------------------------------------------- route preference (node registry)
+
+
+def set_blocked_servers(sequence_manager: Any, peer_ids: Iterable[str]) -> None:
+    """Keep `peer_ids` out of the routes a Petals client builds from now on (the registry's route preference).
+
+    petals 2.2's RemoteSequenceManager reads its `blocked_servers` attribute (a set of PeerIDs, from
+    ClientConfig.blocked_servers at construction) on every refresh of the swarm view (`_update`), so replacing
+    it and asking for a refresh (`update(wait=False)`: the next route waits for the new view) changes routing
+    without touching petals' code. The test in tests/unit/test_registry_routing.py fails if that stops holding.
+    """
+    from hivemind.p2p import PeerID
+
+    sequence_manager.blocked_servers = {PeerID.from_base58(p) for p in peer_ids} or None
+    sequence_manager.update(wait=False)

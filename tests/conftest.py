@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 
@@ -143,3 +145,11 @@ async def empty_database_url(postgres_admin_url: str) -> AsyncIterator[str]:
         yield url
     finally:
         await drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama + tokenizer, written once per session (end-to-end and chaos tests)."""
+    from farmesh.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from farmesh.swarm import ManagedProcess, start_dht, start_node
-from farmesh.tiny_model import write_tiny_model
 
 DHT_PREFIX = "farmesh-e2e"
 NODE_BLOCKS = ("0:2", "2:4")
@@ -34,11 +33,6 @@ class Swarm:
         self.nodes[blocks].stop()
         self.nodes[blocks] = start_node(self.model_dir, blocks, self.initial_peers, self.dht_prefix, workdir=self.workdir)
         return self.nodes[blocks]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from typing import Any
 
 import hivemind
 import pytest
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
@@ -176,3 +177,34 @@ def test_loopback_maddr_helpers() -> None:
     assert not is_loopback_maddr("/ip4/10.0.0.1/tcp/1")
     assert not is_loopback_maddr("/dns/localhost/tcp/1")
     assert not is_loopback_maddr("garbage")
+
+
+def _replacement_session(history_tokens: int):
+    from petals.client.inference_session import _ServerInferenceSession
+
+    # What petals 2.2 builds after a server failure: the failed session's history, position 0, never stepped.
+    session = object.__new__(_ServerInferenceSession)
+    session.closed, session.stepped, session._position, session.span = False, False, 0, "replacement"
+    session.history = torch.zeros(1, history_tokens, 8)
+    session.next_session = session._outputs_stream = None  # no connection: close() has nothing to do
+    return session
+
+
+def test_upstream_replacement_session_still_breaks_its_input_cache() -> None:
+    """petals#587: if this stops failing, upstream fixed failover and _fix_inference_failover can go."""
+    petals_compat.install()
+    from petals.client.inference_session import _ServerInferenceSession
+
+    upstream_step = _ServerInferenceSession.step.__wrapped__
+    with pytest.raises(AssertionError, match="Broken input cache"):
+        upstream_step(_replacement_session(6), torch.zeros(1, 1, 8), None, None, step_id="s")
+
+
+def test_failover_fix_is_installed_once_on_both_session_classes() -> None:
+    petals_compat.install()
+    petals_compat.install()
+    from petals.client.inference_session import InferenceSession, _ServerInferenceSession
+
+    assert _ServerInferenceSession.step.__farmesh_failover__
+    assert not hasattr(_ServerInferenceSession.step.__wrapped__, "__wrapped__")  # wrapped exactly once
+    assert InferenceSession.step.__wrapped__.__qualname__ == "InferenceSession.step"
