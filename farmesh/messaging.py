@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from functools import partial
 from typing import Any, Iterable
 
@@ -20,9 +21,8 @@ from schemas.events import DeadLetter, Event
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERS = Counter(
-    "farmesh_dead_letters_total", "Records sent to the dead-letter topic", ["consumer_group", "topic"],
-)
+# Each service serves its own registry; a broker's dead-letter counter lives in the registry it was made with.
+_dead_letter_counters: "weakref.WeakKeyDictionary[KafkaBroker, Counter]" = weakref.WeakKeyDictionary()
 
 
 def _text(value: bytes | None) -> str | None:
@@ -41,7 +41,9 @@ async def send_dead_letter(broker: KafkaBroker, consumer_group: str, record: Any
         reason=reason[:2000],
     )
     await broker.publish(letter, topics.DEAD_LETTER.name, key=record.key)
-    DEAD_LETTERS.labels(consumer_group, record.topic).inc()
+    counter = _dead_letter_counters.get(broker)
+    if counter is not None:
+        counter.labels(consumer_group, record.topic).inc()
     log.warning("dead-lettered %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason[:200])
 
 
@@ -61,7 +63,7 @@ class DeadLetterMiddleware(BaseMiddleware):
 
 
 def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **kwargs: Any) -> KafkaBroker:
-    return KafkaBroker(
+    broker = KafkaBroker(
         bootstrap,
         client_id=f"farmesh-{service}",
         enable_idempotence=True,  # retried produce requests never duplicate a record
@@ -71,6 +73,11 @@ def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **k
         ],
         **kwargs,
     )
+    _dead_letter_counters[broker] = Counter(
+        "farmesh_dead_letters_total", "Records sent to the dead-letter topic", ["consumer_group", "topic"],
+        registry=registry,
+    )
+    return broker
 
 
 async def publish(broker: KafkaBroker, topic: str, event: Event, key: str) -> None:
