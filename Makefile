@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo up test unit bench clean
+.PHONY: install install-browser demo up test unit bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -14,6 +14,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --no-deps petals==2.2.0.post1
 	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
+
+# A headless browser for the /status page test (tests/integration/test_discovery_status.py skips without it).
+# Debian/Ubuntu, as root; .ci/run does this when it can.
+install-browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 demo: install
 	$(BIN)/farmesh demo

@@ -25,6 +25,8 @@ _SETTING_FLAGS = {
     "model": click.option("--model", metavar="DIR", help="Model directory [FARMESH_MODEL]"),
     "dht_prefix": click.option("--dht-prefix", help="DHT prefix of the model's blocks [FARMESH_DHT_PREFIX]"),
     "price_per_token": click.option("--price-per-token", metavar="FAR", help="Price per generated token [FARMESH_PRICE_PER_TOKEN]"),
+    "node_timeout": click.option("--node-timeout", metavar="SECONDS", help="A node not heard from this long is offline [FARMESH_NODE_TIMEOUT]"),
+    "heartbeat_max_skew": click.option("--heartbeat-max-skew", metavar="SECONDS", help="Refuse heartbeats this far from their log time [FARMESH_HEARTBEAT_MAX_SKEW]"),
 }
 
 
@@ -44,6 +46,17 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
             wrapper = _SETTING_FLAGS[name](wrapper)
         return wrapper
     return decorate
+
+
+def flags_to_subcommand(ctx: click.Context) -> None:
+    """For a group that is also a service (`farmesh ledger`, `farmesh payments`): flags given before a
+    subcommand (`farmesh payments --database-url URL close ...`) become that subcommand's defaults."""
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if given and ctx.invoked_subcommand:
+        defaults = dict(ctx.default_map or {})
+        defaults[ctx.invoked_subcommand] = {**given, **(defaults.get(ctx.invoked_subcommand) or {})}
+        ctx.default_map = defaults
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,25 +79,52 @@ def gateway(settings: Settings, host: str | None, port: int | None) -> None:
 
 
 @cli.command()
-@with_settings("kafka_bootstrap", "initial_peers", "model", "dht_prefix")
+@with_settings("kafka_bootstrap", "database_url", "initial_peers", "model", "dht_prefix")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option("--metrics-port", type=int, default=9101, show_default=True, help="/metrics and /health")
 def worker(settings: Settings, metrics_host: str, metrics_port: int) -> None:
-    """Consumer group `inference`: runs requests on the Petals swarm."""
+    """Consumer group `inference`: runs requests on the Petals swarm.
+
+    With a database it prefers routes through the nodes the registry knows as online.
+    """
     from farmesh.services import run_worker
 
     asyncio.run(run_worker(settings, metrics_host, metrics_port))
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @with_settings("kafka_bootstrap", "database_url")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option("--metrics-port", type=int, default=9102, show_default=True, help="/metrics and /health")
-def ledger(settings: Settings, metrics_host: str, metrics_port: int) -> None:
-    """Consumer group `ledger`: records sessions and contributions in PostgreSQL."""
+@click.pass_context
+def ledger(ctx: click.Context, settings: Settings, metrics_host: str, metrics_port: int) -> None:
+    """Consumer group `ledger`: records sessions and contributions in PostgreSQL.
+
+    Without a subcommand, runs the consumer service; `farmesh ledger audit` checks the money invariants.
+    """
+    if ctx.invoked_subcommand is not None:
+        flags_to_subcommand(ctx)
+        return
     from farmesh.services import run_ledger
 
     asyncio.run(run_ledger(settings, metrics_host, metrics_port))
+
+
+@cli.group(invoke_without_command=True)
+@with_settings("kafka_bootstrap", "database_url", "node_timeout", "heartbeat_max_skew")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--metrics-port", type=int, default=9104, show_default=True, help="/metrics and /health")
+@click.pass_context
+def registry(ctx: click.Context, settings: Settings, metrics_host: str, metrics_port: int) -> None:
+    """Consumer group `registry`: verifies signed heartbeats, keeps far_nodes, times silent nodes out.
+
+    Without a subcommand, runs the consumer service; `farmesh registry rebuild` replays the heartbeat topic.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from farmesh.services import run_registry
+
+    asyncio.run(run_registry(settings, metrics_host, metrics_port))
 
 
 @cli.group()
@@ -134,6 +174,21 @@ def _register() -> None:
     cli.add_command(swarm.dht_command)        # farmesh dht
     cli.add_command(swarm.node_command)       # farmesh node
     cli.add_command(migrate.db_group)         # farmesh db migrate|rollback|status
+    from consumers.registry.cli import rebuild_command
+
+    registry.add_command(rebuild_command)     # farmesh registry rebuild
+    # Money: accounts and keys, the ledger's audit, payments, analytics replay and reports.
+    from consumers.ledger.cli import audit_command
+    from consumers.payments.cli import payments_group
+    from farmesh.keys import keys_group
+    from farmesh.replay import replay_command
+    from farmesh.reports import report_group
+
+    ledger.add_command(audit_command)         # farmesh ledger audit
+    cli.add_command(keys_group)               # farmesh keys create|list|revoke|credit
+    cli.add_command(payments_group)           # farmesh payments [close|export|mark-paid]
+    cli.add_command(replay_command)           # farmesh replay [--since] [--verify]
+    cli.add_command(report_group)             # farmesh report usage --by model|node|day
 
 
 def main() -> None:

@@ -25,6 +25,33 @@ from farmesh import local_services, messaging, swarm
 from farmesh.settings import Settings
 from farmesh.tiny_model import write_tiny_model
 
+DEMO_CREDIT = 10  # FAR: 1000 requests of 100 tokens at the default price
+
+
+async def _demo_key(database_url: str) -> str:
+    import asyncpg
+
+    from farmesh import accounts, money
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return (await accounts.ensure_demo_key(conn, "demo", DEMO_CREDIT * money.SCALE)).key
+    finally:
+        await conn.close()
+
+
+async def _request_id_used(database_url: str, request_id: str) -> bool:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval(
+            "SELECT 1 FROM far_reservations WHERE request_id = $1 UNION ALL "
+            "SELECT 1 FROM far_mesh_sessions WHERE request_id = $1 LIMIT 1", request_id))
+    finally:
+        await conn.close()
+
+
 class Stopped(Exception):
     """SIGTERM/SIGINT arrived."""
 
@@ -50,7 +77,9 @@ class LocalMesh:
         self._stack = contextlib.ExitStack()
         self.gateway_url = ""
         self.database_url = ""
+        self.api_key = ""  # a fresh key of the `demo` client account, with credit
         self.children: list[swarm.ManagedProcess] = []
+        self.node_processes: list[swarm.ManagedProcess] = []  # providers: may come and go without stopping the mesh
 
     def __enter__(self) -> "LocalMesh":
         try:
@@ -94,6 +123,8 @@ class LocalMesh:
         applied = asyncio.run(migrate(self.database_url))
         asyncio.run(messaging.ensure_topics(bootstrap, messaging.mesh_topics(s.topic_partitions)))
         self._say(f"database migrated ({len(applied)} applied), topics ready")
+        self.api_key = asyncio.run(_demo_key(self.database_url))
+        self._say(f"demo client key {self.api_key[:12]}... (account `demo`, credit topped up to {DEMO_CREDIT} FAR)")
 
         model_dir = Path(s.model_dir).resolve()
         if not (model_dir / "config.json").exists():
@@ -108,11 +139,15 @@ class LocalMesh:
         self.children.append(dht)
         self._say(f"DHT bootstrap peer {dht.maddr} (pid {dht.pid})")
         for i, (a, b) in enumerate(_spans(num_blocks_of(str(model_dir)), self.nodes)):
+            # Each node signs heartbeats with its identity key and is paid to its demo wallet.
             node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], s.dht_prefix, workdir=self.logs,
-                                    identity_path=self.data_dir / f"node{i}.identity")
+                                    identity_path=self.data_dir / f"node{i}.identity", throughput="measure",
+                                    wallet=f"demo-wallet-{i}", kafka_bootstrap=bootstrap,
+                                    heartbeat_interval=s.heartbeat_interval)
             self._stack.callback(node.stop)
             self.children.append(node)
-            self._say(f"node {node.peer_id} serves blocks {a}:{b} (pid {node.pid})")
+            self.node_processes.append(node)
+            self._say(f"node {node.peer_id} serves blocks {a}:{b}, wallet demo-wallet-{i} (pid {node.pid})")
 
         if self.gateway_port == 0:
             self.gateway_port = local_services.free_port()
@@ -125,13 +160,44 @@ class LocalMesh:
             "FARMESH_PRICE_PER_TOKEN": str(s.price_per_token),
             "FARMESH_GATEWAY_HOST": "127.0.0.1",
             "FARMESH_GATEWAY_PORT": str(self.gateway_port),
+            "FARMESH_NODE_TIMEOUT": str(s.node_timeout),
+            "FARMESH_HEARTBEAT_MAX_SKEW": str(s.heartbeat_max_skew),
         }
         cli = [sys.executable, "-m", "farmesh.cli"]
         self._child("ledger", cli + ["ledger", "--metrics-port", str(local_services.free_port())], env, "ledger ready", 60)
+        self._child("payments", cli + ["payments", "--metrics-port", str(local_services.free_port())], env,
+                    "payments ready", 60)
+        self._child("registry", cli + ["registry", "--metrics-port", str(local_services.free_port())], env,
+                    "registry ready", 60)
         self._child("worker", cli + ["worker", "--metrics-port", str(local_services.free_port())], env, "worker ready", 120)
         self._child("gateway", cli + ["gateway"], env, "gateway ready", 60)
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self._write_env_file(bootstrap)
         self._wait_healthy(timeout=90)
+        self._wait_registered(timeout=60)
+
+    def _wait_registered(self, timeout: float) -> None:
+        """Until the registry knows every node online and the model's blocks fully covered."""
+        deadline, last = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            try:
+                models = httpx.get(f"{self.gateway_url}/api/swarm", timeout=15).json()["models"]
+                mine = next((m for m in models if m["model"] == self.settings.dht_prefix), None)
+                if mine and mine["full_coverage"] and mine["online_nodes"] >= len(self.node_processes):
+                    return
+                last = json.dumps(mine)[:500]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        raise SystemExit(f"the registry did not see every node online in {timeout:.0f} s: {last}")
+
+    def _write_env_file(self, bootstrap: str) -> None:
+        """<data dir>/mesh.env: where this mesh's broker and database are, for the operator commands
+        (`set -a; . .farmesh/mesh.env; set +a; farmesh keys list`, `farmesh ledger audit`, `farmesh replay` ...)."""
+        path = self.data_dir / "mesh.env"
+        path.write_text(f"FARMESH_KAFKA_BOOTSTRAP={bootstrap}\nFARMESH_DATABASE_URL={self.database_url}\n")
+        self._stack.callback(path.unlink, missing_ok=True)
+        self._say(f"broker and database of this mesh for the CLI: set -a; . {path}; set +a")
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline, last = time.monotonic() + timeout, ""
@@ -147,7 +213,11 @@ class LocalMesh:
         raise SystemExit(f"the mesh did not become healthy in {timeout:.0f} s: {last}")
 
     def dead_child(self) -> swarm.ManagedProcess | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+        """A service that exited (a provider node leaving is not one: the registry times it out)."""
+        return next((c for c in self.children if c.process.poll() is not None and c not in self.node_processes), None)
+
+    def gone_nodes(self) -> list[swarm.ManagedProcess]:
+        return [n for n in self.node_processes if n.process.poll() is not None]
 
 
 @contextlib.contextmanager
@@ -164,8 +234,16 @@ def run_up(settings: Settings, gateway_port: int | None, nodes: int) -> int:
     with _signals_stop():
         try:
             with LocalMesh(settings, settings.data_dir, gateway_port, nodes) as mesh:
-                print(f"ready gateway={mesh.gateway_url}", flush=True)
+                print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key} status={mesh.gateway_url}/status",
+                      flush=True)
+                reported: set[int] = set()
                 while (dead := mesh.dead_child()) is None:
+                    for node in mesh.gone_nodes():
+                        if node.pid not in reported:
+                            reported.add(node.pid)
+                            print(f"[farmesh] node {node.info.get('peer_id')} exited with code "
+                                  f"{node.process.returncode}; the registry times it out after "
+                                  f"{settings.node_timeout:g} s (log {node.log_path})", file=sys.stderr, flush=True)
                     time.sleep(0.5)
                 print(f"[farmesh] {dead.name} exited with code {dead.process.returncode}; stopping. "
                       f"Log {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr, flush=True)
@@ -175,9 +253,10 @@ def run_up(settings: Settings, gateway_port: int | None, nodes: int) -> int:
             return 0
 
 
-def _stream(url: str, body: dict) -> dict | None:
+def _stream(url: str, body: dict, api_key: str) -> dict | None:
     done = None
-    with httpx.stream("POST", f"{url}/api/inference/generate", json=body, timeout=300) as response:
+    with httpx.stream("POST", f"{url}/api/inference/generate", json=body, timeout=300,
+                      headers={"Authorization": f"Bearer {api_key}"}) as response:
         if response.status_code != 200:
             response.read()
             raise SystemExit(f"gateway answered {response.status_code}: {response.text}")
@@ -198,16 +277,17 @@ def _stream(url: str, body: dict) -> dict | None:
 def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max_tokens: int) -> int:
     with _signals_stop(), tempfile.TemporaryDirectory(prefix="farmesh-demo-") as scratch:
         with LocalMesh(settings, Path(scratch), gateway_port, nodes) as mesh:
-            print(f"ready gateway={mesh.gateway_url}", flush=True)
+            print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key}", flush=True)
+            auth = {"Authorization": f"Bearer {mesh.api_key}"}
             request_id = "test-001"
-            if httpx.get(f"{mesh.gateway_url}/api/sessions/{request_id}").status_code == 200:
+            if asyncio.run(_request_id_used(mesh.database_url, request_id)):
                 request_id = f"test-001-{int(time.time())}"  # an external database already holds test-001
             body = {"prompt": prompt, "max_tokens": max_tokens, "request_id": request_id}
             print(f"POST {mesh.gateway_url}/api/inference/generate {json.dumps(body)}\n--- streamed text ---")
-            done = _stream(mesh.gateway_url, body)
+            done = _stream(mesh.gateway_url, body, mesh.api_key)
             print(f"--- {json.dumps(done)}")
             for _ in range(100):
-                r = httpx.get(f"{mesh.gateway_url}/api/sessions/{request_id}")
+                r = httpx.get(f"{mesh.gateway_url}/api/sessions/{request_id}", headers=auth)
                 if r.status_code == 200:
                     break
                 time.sleep(0.1)

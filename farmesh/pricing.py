@@ -9,7 +9,10 @@ span first), which makes the result deterministic for replays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Sequence
+
+from farmesh import money
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,62 @@ def split(total: int, work: Sequence[Work]) -> list[int]:
     for i in by_remainder[:left]:
         shares[i] += 1
     return shares
+
+
+# ------------------------------------------------------------------------------------------- platform fee
+#
+# The fee is a fraction of the session's cost, fixed on the request (``platform_fee_rate``), expressed in
+# units of 1e-18 (the same scale as FAR base units: 0.05 -> 5 * 10**16).  The rule, chosen so that no base
+# unit is ever created or lost:
+#
+#     debit   = delivered tokens x price                       (what the client pays)
+#     fee     = floor(debit x rate)                            (rounding favours the nodes)
+#     credits = split(debit - fee, blocks x tokens)            (largest remainder, exact)
+#     => sum(credits) + fee == debit, always.
+#
+# A session that charged something but has no recorded work to pay (cannot happen with a real swarm: a token
+# delivered means some node processed it) gives the whole amount to the platform fee account rather than
+# losing or inventing money.
+
+FEE_RATE_SCALE = 10**18
+
+
+@dataclass(frozen=True)
+class Settlement:
+    debit: int
+    fee: int
+    shares: list[int]
+
+    @property
+    def credits(self) -> int:
+        return sum(self.shares)
+
+
+def fee_rate_units(rate: Decimal | str | int) -> int:
+    """A fee rate (a fraction of the cost, 0..1, at most 18 decimals) as an integer of 1e-18 units."""
+    units = money.to_base_units(rate)  # same scale; refuses negatives and finer rates
+    if units > FEE_RATE_SCALE:
+        raise ValueError(f"a platform fee rate is a fraction between 0 and 1, got {rate}")
+    return units
+
+
+def platform_fee(debit: int, rate_units: int) -> int:
+    if debit < 0:
+        raise ValueError("cannot take a fee of a negative amount")
+    if not 0 <= rate_units <= FEE_RATE_SCALE:
+        raise ValueError("a platform fee rate is between 0 and 1")
+    return debit * rate_units // FEE_RATE_SCALE
+
+
+def settlement(delivered_tokens: int, price_base_units: int, rate_units: int, work: Sequence[Work]) -> Settlement:
+    """What one session moves: the client's debit, the platform's fee and each work item's credit."""
+    debit = session_cost(delivered_tokens, price_base_units)
+    fee = platform_fee(debit, rate_units)
+    if sum(w.weight for w in work) == 0:
+        return Settlement(debit, debit, [0] * len(work))  # nobody to pay: nothing is lost, the platform keeps it
+    return Settlement(debit, fee, split(debit - fee, work))
+
+
+def reservation_amount(max_tokens: int, price_base_units: int) -> int:
+    """What a request holds on the client's balance until it settles: the most it can cost."""
+    return session_cost(max_tokens, price_base_units)

@@ -1,4 +1,4 @@
-"""Each service's process: `farmesh gateway | worker | ledger`.
+"""Each service's process: `farmesh gateway | worker | ledger | payments | registry`.
 
 Consumers run as FastStream ASGI apps (Prometheus /metrics and a broker /health next to the
 subscribers); the gateway is a FastAPI app.  All of them listen on 127.0.0.1 by default.
@@ -50,7 +50,24 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
     worker.register(broker, client, settings.model_name, registry)
-    await _serve(_consumer_app(broker, registry), host, port, "worker")
+    # Prefer routes through the nodes the registry knows as online (they are the ones that get paid).
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) if settings.database_url else None
+    preferring = None
+    if pool is not None:
+        from farmesh.routing import RoutePreference, keep_preferring_registered
+
+        preference = RoutePreference(client.model.transformer.h.sequence_manager)
+        preferring = asyncio.create_task(
+            keep_preferring_registered(pool, settings.model_name, preference, settings.route_refresh))
+    else:
+        log.warning("FARMESH_DATABASE_URL is not set: routes ignore the node registry")
+    try:
+        await _serve(_consumer_app(broker, registry), host, port, "worker")
+    finally:
+        if preferring is not None:
+            preferring.cancel()
+        if pool is not None:
+            await pool.close()
 
 
 async def run_ledger(settings: Settings, host: str, port: int) -> None:
@@ -67,6 +84,48 @@ async def run_ledger(settings: Settings, host: str, port: int) -> None:
         await pool.close()
 
 
+async def run_payments(settings: Settings, host: str, port: int) -> None:
+    from consumers.payments import consumer
+
+    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
+    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
+    try:
+        registry = CollectorRegistry()
+        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_PAYMENTS, registry)
+        consumer.register(broker, pool, registry)
+        await _serve(_consumer_app(broker, registry), host, port, "payments")
+    finally:
+        await pool.close()
+
+
+async def run_registry(settings: Settings, host: str, port: int) -> None:
+    from consumers.registry import consumer
+
+    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
+    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
+    try:
+        registry = CollectorRegistry()
+        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_REGISTRY, registry)
+        metrics = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
+        sweeper = consumer.Sweeper(broker, pool, settings.node_timeout, metrics=metrics)
+        tasks: list[asyncio.Task] = []
+
+        async def start_sweeping() -> None:
+            tasks.append(asyncio.create_task(sweeper.run()))
+
+        async def stop_sweeping() -> None:
+            for task in tasks:
+                task.cancel()
+
+        app = AsgiFastStream(
+            broker, after_startup=[start_sweeping], on_shutdown=[stop_sweeping],
+            asgi_routes=[("/metrics", make_asgi_app(registry)), ("/health", make_ping_asgi(broker, timeout=5.0))],
+        )
+        await _serve(app, host, port, "registry")
+    finally:
+        await pool.close()
+
+
 async def run_gateway(settings: Settings) -> None:
     from farmesh.swarm_view import SwarmView, num_blocks_of
     from producers.gateway.app import create_app
@@ -74,7 +133,8 @@ async def run_gateway(settings: Settings) -> None:
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     view = await asyncio.to_thread(SwarmView, settings.initial_peers, settings.dht_prefix, num_blocks_of(settings.model_dir))
     try:
-        app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
+        app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route),
+                         live_coverage=lambda: asyncio.to_thread(view.coverage))
         await _serve(app, settings.gateway_host, settings.gateway_port, "gateway")
     finally:
         view.shutdown()

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     # server and client of one model), and the `model` of every request, session and contribution.
     dht_prefix: str = "farmesh-tiny"
     price_per_token: Decimal = Decimal("0.0001")
+    # Per-model prices, "model=FAR,model=FAR" (FAR per generated token); unlisted models pay price_per_token.
+    model_prices: Annotated[dict[str, Decimal], NoDecode] = Field(default_factory=dict)
+    # Platform fee: the fraction (0..1) of each session's cost credited to the platform account.
+    platform_fee: Decimal = Decimal(0)
+    # Weekly payouts below this (FAR per wallet) carry over to the next batch.
+    min_payout: Decimal = Decimal(0)
     topic_partitions: int = 6
     data_dir: Path = Path(".farmesh")
     gateway_host: str = "127.0.0.1"
@@ -38,6 +44,15 @@ class Settings(BaseSettings):
     max_retries: int = 3
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 512
+    # Node registry: a live node not heard from for node_timeout seconds is declared offline; heartbeats
+    # whose time is further than heartbeat_max_skew seconds from their log time are refused.
+    node_timeout: float = Field(default=20.0, gt=0)
+    heartbeat_max_skew: float = Field(default=60.0, gt=0)
+    # Provider node: payout wallet and seconds between heartbeats (`farmesh node`).
+    wallet: str | None = None
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=300)
+    # Inference worker: seconds between refreshes of the registry's online nodes it prefers to route through.
+    route_refresh: float = Field(default=5.0, gt=0)
 
     @field_validator("initial_peers", mode="before")
     @classmethod
@@ -51,6 +66,46 @@ class Settings(BaseSettings):
     def _price_is_exact(cls, value: Decimal) -> Decimal:
         money.to_base_units(value)  # raises on prices finer than one base unit
         return value
+
+    @field_validator("model_prices", mode="before")
+    @classmethod
+    def _split_prices(cls, value: object) -> object:
+        if isinstance(value, str):
+            prices = {}
+            for item in value.replace(";", ",").split(","):
+                if not item.strip():
+                    continue
+                model, sep, price = item.partition("=")
+                if not sep or not model.strip():
+                    raise ValueError(f"model prices are model=FAR pairs, got {item!r}")
+                prices[model.strip()] = price.strip()
+            return prices
+        return value
+
+    @field_validator("model_prices")
+    @classmethod
+    def _prices_are_exact(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for price in value.values():
+            money.to_base_units(price)
+        return value
+
+    @field_validator("platform_fee")
+    @classmethod
+    def _fee_is_a_fraction(cls, value: Decimal) -> Decimal:
+        from farmesh.pricing import fee_rate_units
+
+        fee_rate_units(value)  # 0..1, at most 18 decimals
+        return value
+
+    @field_validator("min_payout")
+    @classmethod
+    def _min_payout_is_exact(cls, value: Decimal) -> Decimal:
+        money.to_base_units(value)
+        return value
+
+    def price_for(self, model: str) -> Decimal:
+        """FAR per generated token of `model`, fixed on each request when the gateway accepts it."""
+        return self.model_prices.get(model, self.price_per_token)
 
     @property
     def model_dir(self) -> str:

@@ -26,8 +26,14 @@ from farmesh.petals_compat import DEFAULT_DHT_PREFIX, LOOPBACK_HOST, loopback_ma
 if TYPE_CHECKING:
     from petals.server.server import Server
 
+    from farmesh.heartbeat import HeartbeatPublisher
+
 INITIAL_PEERS_ENV = "FARMESH_INITIAL_PEERS"
 DHT_PREFIX_ENV = "FARMESH_DHT_PREFIX"
+WALLET_ENV = "FARMESH_WALLET"
+HEARTBEAT_INTERVAL_ENV = "FARMESH_HEARTBEAT_INTERVAL"
+KAFKA_BOOTSTRAP_ENV = "FARMESH_KAFKA_BOOTSTRAP"
+DATA_DIR_ENV = "FARMESH_DATA_DIR"
 DHT_READY = "dht ready"
 NODE_READY = "node ready"
 _SOCKET_PATH = re.compile(r"^/tmp/hivemind-[^/]+\.sock$")
@@ -52,8 +58,9 @@ def parse_blocks(value: str) -> tuple[int, int]:
     return start, end
 
 
-def _wait_for_signal(on_signal: Callable[[], None]) -> None:
-    """Block until SIGTERM/SIGINT, then run `on_signal`.
+def _wait_for_signal(on_signal: Callable[[], None], tick: Callable[[], bool] | None = None) -> None:
+    """Block until SIGTERM/SIGINT (or until `tick`, called about twice a second, returns False), then run
+    `on_signal`.
 
     Called only after every worker process has been forked: forks inherit Python signal handlers, and the
     workers must keep dying on SIGTERM when a supervisor signals the whole process group.
@@ -62,8 +69,26 @@ def _wait_for_signal(on_signal: Callable[[], None]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-        pass
+        if tick is not None and not tick():
+            break
     on_signal()
+
+
+class ThroughputParam(click.ParamType):
+    """A non-negative number of tokens/s, or `measure`."""
+
+    name = "TOKENS_PER_S|measure"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, float) or value == "measure":
+            return value  # type: ignore[return-value]
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"expected a number of tokens/s or 'measure', got {value!r}", param, ctx)
+        if not number >= 0 or number == float("inf"):
+            self.fail(f"throughput must be a finite number >= 0, got {value!r}", param, ctx)
+        return number
 
 
 def _announce(line: str) -> None:
@@ -76,8 +101,16 @@ def _announce(line: str) -> None:
 @click.option("--port", type=int, default=None, help="TCP port (default: a free one).")
 @click.option("--identity-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Private key file; makes the peer id stable across restarts (created if missing).")
-def dht_command(host: str, port: int | None, identity_path: Path | None) -> None:
+@click.option("--initial-peers", "other_bootstrap_peers", multiple=True,
+              help="Multiaddrs of the mesh's other bootstrap peers (repeatable or comma separated), for redundancy.")
+def dht_command(host: str, port: int | None, identity_path: Path | None,
+                other_bootstrap_peers: Sequence[str] = ()) -> None:
     """Run the mesh's DHT bootstrap peer until SIGTERM/SIGINT."""
+    peers = [p for value in other_bootstrap_peers for p in parse_peers(value)]
+    try:
+        petals_compat.require_loopback(peers, "initial peers")
+    except petals_compat.NonLoopbackAddressError as error:
+        raise click.UsageError(str(error)) from None
     petals_compat.install()
     from hivemind import DHT
 
@@ -88,6 +121,7 @@ def dht_command(host: str, port: int | None, identity_path: Path | None) -> None
         host_maddrs=[maddr],
         announce_maddrs=[maddr],
         identity_path=str(identity_path) if identity_path else None,
+        initial_peers=peers,
     )
     _announce(f"{DHT_READY} maddr={maddr}/p2p/{dht.peer_id}")
     _wait_for_signal(dht.shutdown)
@@ -106,13 +140,22 @@ def dht_command(host: str, port: int | None, identity_path: Path | None) -> None
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--torch-dtype", type=click.Choice(["float32", "float16", "bfloat16", "auto"]), default="float32",
               show_default=True)
-@click.option("--throughput", type=float, default=1.0, show_default=True,
-              help="Announced throughput; a number, never measured (measuring runs an internet speed test).")
+@click.option("--throughput", type=ThroughputParam(), default="1.0", show_default=True,
+              help="Announced throughput in tokens/s: a number, or `measure` (a local compute benchmark of one "
+                   "block; never petals' `auto`, which runs an internet speed test).")
 @click.option("--identity-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Private key file; makes the peer id stable across restarts (created if missing).")
+              help="Private key file (libp2p identity): the peer id, stable across restarts, and the key that "
+                   "signs heartbeats (created if missing; default: $FARMESH_DATA_DIR/node-PREFIX-START-END.identity).")
 @click.option("--num-handlers", type=int, default=2, show_default=True)
 @click.option("--update-period", type=float, default=15.0, show_default=True,
               help="Seconds between DHT announcements.")
+@click.option("--wallet", envvar=WALLET_ENV, default=None,
+              help=f"Payout wallet, sent in signed heartbeats [{WALLET_ENV}]. Without one the node sends no "
+                   "heartbeats: the registry does not know it and its work is not paid.")
+@click.option("--heartbeat-interval", envvar=HEARTBEAT_INTERVAL_ENV, type=click.FloatRange(0.1, 300), default=5.0,
+              show_default=True, help=f"Seconds between heartbeats [{HEARTBEAT_INTERVAL_ENV}].")
+@click.option("--kafka-bootstrap", envvar=KAFKA_BOOTSTRAP_ENV, default="127.0.0.1:9092", show_default=True,
+              help=f"Kafka bootstrap servers the heartbeats go to [{KAFKA_BOOTSTRAP_ENV}].")
 def node_command(
     model_dir: Path,
     blocks: tuple[int, int],
@@ -121,12 +164,19 @@ def node_command(
     dht_prefix: str | None,
     device: str,
     torch_dtype: str,
-    throughput: float,
+    throughput: float | str,
     identity_path: Path | None,
     num_handlers: int,
     update_period: float,
+    wallet: str | None,
+    heartbeat_interval: float,
+    kafka_bootstrap: str,
 ) -> None:
-    """Serve transformer blocks of a local model to the mesh until SIGTERM/SIGINT."""
+    """Serve transformer blocks of a local model to the mesh until SIGTERM/SIGINT.
+
+    With a wallet, publishes a heartbeat signed with the node's identity key every --heartbeat-interval
+    seconds: joining while it loads its blocks, online while it serves, draining then offline on SIGTERM.
+    """
     start, end = blocks
     peers = [p for value in initial_peers for p in parse_peers(value)] or parse_peers(
         os.environ.get(INITIAL_PEERS_ENV, "")
@@ -140,9 +190,22 @@ def node_command(
         raise click.UsageError(str(error)) from None
     dht_prefix = dht_prefix or os.environ.get(DHT_PREFIX_ENV) or DEFAULT_DHT_PREFIX
 
+    if identity_path is None:
+        data_dir = Path(os.environ.get(DATA_DIR_ENV) or ".farmesh")
+        identity_path = data_dir / f"node-{dht_prefix}-{start}-{end}.identity"
+    identity_path.parent.mkdir(parents=True, exist_ok=True)
+    if not wallet:
+        click.echo(f"warning: no wallet (--wallet / {WALLET_ENV}): this node sends no heartbeats, the registry "
+                   "does not know it, and its work is recorded unpaid", err=True)
+
     petals_compat.install()
     from petals.server.server import Server
 
+    if throughput == "measure":
+        from farmesh.heartbeat import measure_throughput
+
+        throughput = measure_throughput(str(model_dir), device, torch_dtype, end - start, dht_prefix)
+        click.echo(f"measured throughput: {throughput} tokens/s through blocks {start}:{end}", err=True)
     maddr = loopback_maddr(port or free_port())
     server = Server(
         initial_peers=peers,
@@ -156,28 +219,72 @@ def node_command(
         update_period=update_period,
         host_maddrs=[maddr],
         announce_maddrs=[maddr],
-        identity_path=str(identity_path) if identity_path else None,
+        identity_path=str(identity_path),
         use_relay=False,
         use_auto_relay=False,
         # Known to be directly reachable on loopback; None would run a reachability probe first.
         reachable_via_relay=False,
         skip_reachability_check=True,
     )
+    heartbeats = None
+    if wallet:
+        heartbeats = _heartbeat_publisher(server, identity_path, kafka_bootstrap, wallet, dht_prefix, start, end,
+                                          float(throughput), device, heartbeat_interval)
+        heartbeats.beat("joining")
     runner = threading.Thread(target=server.run, name="petals-server", daemon=True)
     runner.start()
-    _wait_until_online(server, start, end, runner)
-    _announce(f"{NODE_READY} peer_id={server.dht.peer_id} blocks={start}:{end}")
+    _wait_until_online(server, start, end, runner,
+                       tick=(lambda: heartbeats.tick("joining")) if heartbeats is not None else None)
+    if heartbeats is not None:
+        heartbeats.beat("online")
+    _announce(f"{NODE_READY} peer_id={server.dht.peer_id} blocks={start}:{end}"
+              + (f" heartbeats={heartbeat_interval:g}s" if heartbeats is not None else ""))
+
+    def serving() -> bool:
+        if not runner.is_alive():  # the Petals server died: stop saying online
+            return False
+        if heartbeats is not None:
+            heartbeats.tick("online")
+        return True
 
     def shutdown() -> None:
+        died = not runner.is_alive()
+        if heartbeats is not None and not died:
+            heartbeats.beat("draining")
         server.stop.set()  # server.run() then shuts its module container down (announcing OFFLINE)
         runner.join()
         server.shutdown()
+        if heartbeats is not None:
+            heartbeats.beat("offline")
+            heartbeats.close()
+        if died:
+            raise click.ClickException("the Petals server stopped (see the log above)")
 
-    _wait_for_signal(shutdown)
+    _wait_for_signal(shutdown, tick=serving)
 
 
-def _wait_until_online(server: Server, start: int, end: int, runner: threading.Thread) -> None:
-    """Return once the server's runtime is processing and the DHT lists it ONLINE for all of its blocks."""
+def _heartbeat_publisher(server: Server, identity_path: Path, bootstrap: str, wallet: str, dht_prefix: str,
+                         start: int, end: int, throughput: float, device: str, interval: float) -> HeartbeatPublisher:
+    """The node's heartbeat publisher, signing with the identity its libp2p daemon runs on."""
+    from farmesh.heartbeat import HeartbeatPublisher, NodeDescription, NodeIdentity, device_info, software_version
+    from schemas import topics
+
+    identity = NodeIdentity.load(identity_path)  # hivemind created it if it was missing
+    if identity.peer_id != server.dht.peer_id.to_base58():
+        raise click.ClickException(f"{identity_path} is peer {identity.peer_id}, but the server runs as "
+                                   f"{server.dht.peer_id}")
+    description = NodeDescription(
+        wallet=wallet, model=dht_prefix, start_block=start, end_block=end,
+        total_blocks=int(server.block_config.num_hidden_layers), throughput=throughput,
+        version=software_version(), device=device_info(device), interval_seconds=interval,
+    )
+    return HeartbeatPublisher(bootstrap, identity, description, topic=topics.HEARTBEATS.name)
+
+
+def _wait_until_online(server: Server, start: int, end: int, runner: threading.Thread,
+                       tick: Callable[[], None] | None = None) -> None:
+    """Return once the server's runtime is processing and the DHT lists it ONLINE for all of its blocks
+    (`tick` is called while waiting: the joining heartbeats)."""
     from petals.data_structures import ServerState
     from petals.utils.dht import get_remote_module_infos
 
@@ -195,6 +302,8 @@ def _wait_until_online(server: Server, start: int, end: int, runner: threading.T
     while not online():
         if not runner.is_alive():
             raise click.ClickException("the Petals server stopped before it came online (see the log above)")
+        if tick is not None:
+            tick()
         time.sleep(0.2)
 
 
@@ -373,13 +482,20 @@ def start_node(
     workdir: Path,
     device: str = "cpu",
     torch_dtype: str = "float32",
-    throughput: float = 1.0,
+    throughput: float | str = 1.0,
     identity_path: Path | None = None,
     num_handlers: int = 2,
     update_period: float = 15.0,
     timeout: float = 120.0,
+    wallet: str | None = None,
+    kafka_bootstrap: str | None = None,
+    heartbeat_interval: float | None = None,
 ) -> ManagedProcess:
-    """Start `farmesh node` serving `blocks` ("A:B") and wait until it is announced (`.peer_id`)."""
+    """Start `farmesh node` serving `blocks` ("A:B") and wait until it is announced (`.peer_id`).
+
+    With a `wallet` the node publishes signed heartbeats to `kafka_bootstrap`. Without an `identity_path` it gets
+    a fresh identity in `workdir` (a new peer id per start).
+    """
     if not initial_peers:
         raise ValueError("a node needs our own DHT's multiaddrs as initial peers")
     port = port or free_port()
@@ -390,8 +506,13 @@ def start_node(
     ]
     for peer in initial_peers:
         args += ["--initial-peers", peer]
-    if identity_path is not None:
-        args += ["--identity-path", str(identity_path)]
+    args += ["--identity-path", str(identity_path or workdir / f"node-{port}-{time.time_ns()}.identity")]
+    if wallet is not None:
+        args += ["--wallet", wallet]
+    if kafka_bootstrap is not None:
+        args += ["--kafka-bootstrap", kafka_bootstrap]
+    if heartbeat_interval is not None:
+        args += ["--heartbeat-interval", str(heartbeat_interval)]
     workdir.mkdir(parents=True, exist_ok=True)
     process = ManagedProcess(f"node:{blocks}:{port}", _python_entry(*args), workdir / f"node-{port}.log")
     process.wait_ready(NODE_READY, timeout)

@@ -13,6 +13,8 @@ GROUPS = {
     topics.SESSIONS.name: [topics.GROUP_LEDGER, topics.GROUP_PAYMENTS],
     topics.HEARTBEATS.name: [topics.GROUP_REGISTRY],
     topics.REPLIES.name: ["(each gateway, no group)"],
+    topics.PAYMENTS.name: ["(finance consumers)"],
+    topics.CONTROL.name: ["(every worker, no group)"],
     topics.DEAD_LETTER.name: ["(operators)"],
 }
 

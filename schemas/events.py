@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     TypeAdapter,
+    model_validator,
 )
 
 from farmesh import money
@@ -36,6 +37,13 @@ Far = Annotated[
     Field(ge=0, max_digits=38, decimal_places=18, description="FAR, exact, as a decimal string"),
     PlainSerializer(money.text, return_type=str, when_used="json"),
 ]
+FeeRate = Annotated[
+    Decimal,
+    Field(ge=0, le=1, max_digits=19, decimal_places=18,
+          description="Platform fee: the fraction (0..1) of a session's cost credited to the platform account"),
+    PlainSerializer(money.text, return_type=str, when_used="json"),
+]
+AccountId = Annotated[UUID, Field(description="The client account that pays (farmesh keys; never the key itself)")]
 
 
 def _now() -> datetime:
@@ -59,11 +67,15 @@ class InferenceRequested(Event):
     """A client asked for a completion; published by the gateway, keyed by request_id."""
 
     type: Literal["inference.requested"] = "inference.requested"
+    # v2: account_id and platform_fee_rate (the gateway reserved max_tokens x price on that account).
+    schema_version: int = 2
     request_id: RequestId
     model: str
     prompt: str = Field(min_length=1, max_length=100_000)
     max_tokens: int = Field(ge=1, le=4096)
     price_per_token: Far
+    account_id: AccountId
+    platform_fee_rate: FeeRate = Decimal(0)
     reply_topic: str = Field(description="Topic the worker streams TokenChunk/StreamEnded events to")
 
 
@@ -75,6 +87,18 @@ class TokenChunk(Event):
     index: int = Field(ge=0, description="0-based position among the generated tokens")
     token_id: int = Field(ge=0)
     text: str = Field(description="Text this token adds to the completion (may be empty mid-character)")
+
+
+class InferenceCancelled(Event):
+    """Stop generating a request: its client went away, or its gateway stopped waiting.
+
+    Every worker reads these (no consumer group); the one running the request stops before the next
+    token, and the session ends as failed, charged only the tokens delivered until then.
+    """
+
+    type: Literal["inference.cancelled"] = "inference.cancelled"
+    request_id: RequestId
+    reason: str = Field(max_length=500)
 
 
 class Usage(BaseModel):
@@ -121,13 +145,19 @@ class SessionOutcome(Event):
     request_id, which the ledger recognises and ignores (nothing is charged twice).
     """
 
+    # v2: account_id, platform_fee_rate and platform_fee_far (settled by the ledger as balanced entries).
+    schema_version: int = 2
     request_id: RequestId
     model: str
+    account_id: AccountId
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0, description="Tokens delivered to the client")
     completion: str
     price_per_token: Far
-    cost_far: Far = Field(description="completion_tokens x price_per_token")
+    cost_far: Far = Field(description="completion_tokens x price_per_token: the client's debit")
+    platform_fee_rate: FeeRate = Decimal(0)
+    platform_fee_far: Far = Field(default=Decimal(0), description="floor(cost_far x platform_fee_rate); "
+                                  "cost_far = platform_fee_far + the contributions' earnings, exactly")
     started_at: AwareDatetime
     finished_at: AwareDatetime
     worker: str
@@ -172,20 +202,79 @@ class DeviceInfo(BaseModel):
 
 
 class NodeHeartbeat(Event):
-    """A provider's node says it is alive and what it serves (verified by the registry)."""
+    """A provider's node says it is alive and what it serves; keyed by peer_id.
+
+    Signed with the node's libp2p identity key (the key behind its peer id): ``public_key`` is the
+    libp2p protobuf-encoded public key (base64) and must hash to ``peer_id``; ``signature`` (base64)
+    covers the canonical JSON of every other field (farmesh.heartbeat.signing_bytes). The registry
+    rejects unsigned, badly signed, stale (not newer than the last accepted one) and malformed ones.
+    """
 
     type: Literal["node.heartbeat"] = "node.heartbeat"
+    # v2: signed; adds total_blocks and interval_seconds (v1 was a sketch that never went on the wire).
+    schema_version: int = 2
     peer_id: PeerId
-    wallet: str = Field(min_length=1, max_length=256)
-    model: str
+    wallet: str = Field(min_length=1, max_length=256, description="Payout wallet of the provider")
+    model: str = Field(min_length=1, max_length=256, description="The model's name in the mesh (its DHT prefix)")
     start_block: int = Field(ge=0)
-    end_block: int = Field(gt=0)
-    throughput: float = Field(ge=0, description="Tokens/s the node announces (not money)")
+    end_block: int = Field(gt=0, description="Exclusive: the node serves blocks start_block..end_block-1")
+    total_blocks: int = Field(gt=0, le=100_000, description="Transformer blocks of the whole model")
+    throughput: float = Field(ge=0, allow_inf_nan=False, description="Tokens/s the node announces (not money)")
     state: Literal["joining", "online", "draining", "offline"]
-    version: str
+    version: str = Field(max_length=128)
     device: DeviceInfo
-    public_key: str | None = None
-    signature: str | None = None
+    interval_seconds: float = Field(gt=0, le=300, allow_inf_nan=False, description="Seconds between heartbeats")
+    public_key: str | None = Field(default=None, max_length=4096, description="libp2p public key (protobuf, base64)")
+    signature: str | None = Field(default=None, max_length=4096, description="Signature (base64) of signing_bytes")
+
+    @model_validator(mode="after")
+    def _blocks_in_model(self) -> NodeHeartbeat:
+        if not self.start_block < self.end_block <= self.total_blocks:
+            raise ValueError(f"blocks {self.start_block}:{self.end_block} are not a span of a "
+                             f"{self.total_blocks}-block model")
+        return self
+
+
+class NodeTimedOut(Event):
+    """The registry's decision that a node stopped sending heartbeats; keyed by peer_id.
+
+    Published by the registry's sweep onto the heartbeat topic (so it is ordered with the node's
+    heartbeats) and applied like any event: only if ``last_heartbeat_id`` is still the node's latest
+    accepted heartbeat. Replaying the topic therefore rebuilds exactly the same registry.
+    """
+
+    type: Literal["node.timed_out"] = "node.timed_out"
+    peer_id: PeerId
+    last_heartbeat_id: UUID = Field(description="The latest heartbeat the registry had accepted from the node")
+    last_seen: AwareDatetime = Field(description="When that heartbeat entered the log")
+    timeout_seconds: float = Field(gt=0, allow_inf_nan=False)
+
+
+class PaymentLine(BaseModel):
+    """One payout of a closed weekly batch: everything owed to one wallet."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    line_id: int = Field(ge=1, description="far_payment_batches.id")
+    wallet: str
+    amount_far: Far
+    contributions: int = Field(ge=0)
+
+
+class PaymentBatchClosed(Event):
+    """A week's payment batch was closed (`farmesh payments close`); for finance consumers.
+
+    Closing again republishes the same event (same event_id): consumers deduplicate by event_id.
+    """
+
+    type: Literal["payments.batch_closed"] = "payments.batch_closed"
+    week: str = Field(pattern=r"^[0-9]{4}-W(0[1-9]|[1-4][0-9]|5[0-3])$", description="ISO week (UTC)")
+    min_payout_far: Far
+    lines: list[PaymentLine]
+    total_far: Far = Field(description="Sum of the lines")
+    carried_over_far: Far = Field(description="Owed to wallets below the minimum payout; in a later batch")
+    unpaid_no_wallet_far: Far = Field(description="Earned by nodes with no registered wallet; not paid yet")
+    closed_at: AwareDatetime
 
 
 class DeadLetter(Event):
@@ -206,3 +295,5 @@ SessionEvent = Annotated[Union[InferenceCompleted, InferenceFailed, NodeContribu
 
 reply_event_adapter: TypeAdapter[TokenChunk | StreamEnded] = TypeAdapter(ReplyEvent)
 session_event_adapter: TypeAdapter[InferenceCompleted | InferenceFailed | NodeContribution] = TypeAdapter(SessionEvent)
+NodeEvent = Annotated[Union[NodeHeartbeat, NodeTimedOut], Field(discriminator="type")]
+node_event_adapter: TypeAdapter[NodeHeartbeat | NodeTimedOut] = TypeAdapter(NodeEvent)

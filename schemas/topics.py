@@ -23,6 +23,10 @@ REQUESTS = Topic(
     "farmesh.inference.requests", "request_id", (events.InferenceRequested,),
     "Generation requests from gateways; consumer group `inference` runs them on the Petals swarm.",
 )
+CONTROL = Topic(
+    "farmesh.inference.control", "request_id", (events.InferenceCancelled,),
+    "Cancellations from gateways (client gone); every worker reads them (no group) and stops that request.",
+)
 REPLIES = Topic(
     "farmesh.inference.replies", "request_id", (events.TokenChunk, events.StreamEnded),
     "Tokens streamed back to the gateway that asked (the request names its reply topic).",
@@ -33,15 +37,20 @@ SESSIONS = Topic(
     "Finished sessions and per-node contributions; consumer groups `ledger` and `payments`.",
 )
 HEARTBEATS = Topic(
-    "farmesh.nodes.heartbeats", "peer_id", (events.NodeHeartbeat,),
-    "Signed provider heartbeats; consumer group `registry`.",
+    "farmesh.nodes.heartbeats", "peer_id", (events.NodeHeartbeat, events.NodeTimedOut),
+    "Signed provider heartbeats and the registry's time-out decisions (one partition order per peer); "
+    "consumer group `registry`.",
+)
+PAYMENTS = Topic(
+    "farmesh.payments", "week", (events.PaymentBatchClosed,),
+    "Closed weekly payment batches (one line per payout wallet) for finance consumers.",
 )
 DEAD_LETTER = Topic(
     "farmesh.deadletter", "original key", (events.DeadLetter,),
     "Records a consumer rejected, with the reason; nothing is dropped silently.",
 )
 
-ALL: tuple[Topic, ...] = (REQUESTS, REPLIES, SESSIONS, HEARTBEATS, DEAD_LETTER)
+ALL: tuple[Topic, ...] = (REQUESTS, CONTROL, REPLIES, SESSIONS, HEARTBEATS, PAYMENTS, DEAD_LETTER)
 
 # Consumer groups (one per concern, so each scales and replays on its own).
 GROUP_INFERENCE = "inference"

@@ -5,11 +5,14 @@ publishes one session outcome (completed or failed) carrying every node's contri
 NodeContribution event per (node, block span), then closes the reply stream with usage.
 The offset is committed only after all of that was published; a worker that dies mid-generation
 leaves the request to be redelivered (the ledger ignores a second outcome for the same session).
+A request cancelled on farmesh.inference.control (its client went away) stops before its next token
+and ends as failed: only the tokens delivered until then are charged.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Callable, Protocol, Sequence
 from uuid import uuid4
@@ -19,10 +22,11 @@ from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from farmesh import messaging, money
-from farmesh.pricing import Work, session_cost, split
+from farmesh.pricing import Work, fee_rate_units, settlement
 from schemas import topics
 from schemas.events import (
     Contribution,
+    InferenceCancelled,
     InferenceCompleted,
     InferenceFailed,
     InferenceRequested,
@@ -69,9 +73,14 @@ def _now() -> datetime:
 def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, completion: str,
            spans: Sequence[Work], started_at: datetime, worker: str,
            finish_reason: str | None, error: str | None) -> tuple[SessionOutcome, list[NodeContribution]]:
-    """The session outcome and its contribution events; the money is computed here, exactly."""
-    cost = session_cost(delivered, money.to_base_units(request.price_per_token))
-    shares = split(cost, spans)
+    """The session outcome and its contribution events; the money is computed here, exactly.
+
+    The client's account (from the request) is debited delivered x price; the platform fee and the
+    nodes' shares add up to that debit exactly (farmesh.pricing.settlement).
+    """
+    money_moved = settlement(delivered, money.to_base_units(request.price_per_token),
+                             fee_rate_units(request.platform_fee_rate), spans)
+    cost, shares = money_moved.debit, money_moved.shares
     contributions = [
         Contribution(contribution_id=uuid4(), peer_id=w.peer_id, start_block=w.start_block, end_block=w.end_block,
                      tokens_processed=w.tokens_processed, earnings_far=money.to_far(share))
@@ -81,7 +90,8 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
         request_id=request.request_id, model=request.model, prompt_tokens=prompt_tokens,
         completion_tokens=delivered, completion=completion, price_per_token=request.price_per_token,
         cost_far=money.to_far(cost), started_at=started_at, finished_at=_now(), worker=worker,
-        contributions=contributions,
+        contributions=contributions, account_id=request.account_id,
+        platform_fee_rate=request.platform_fee_rate, platform_fee_far=money.to_far(money_moved.fee),
     )
     outcome: SessionOutcome
     if error is None:
@@ -97,11 +107,33 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
     return outcome, events
 
 
+class RequestCancelled(RuntimeError):
+    """The request was cancelled (inference.cancelled): generation stops before the next token."""
+
+
+class Cancellations:
+    """Request ids cancelled recently (bounded), from the control topic; read by the generation thread."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._reasons: OrderedDict[str, str] = OrderedDict()
+        self._keep = keep
+
+    def add(self, request_id: str, reason: str) -> None:
+        self._reasons[request_id] = reason
+        while len(self._reasons) > self._keep:
+            self._reasons.popitem(last=False)
+
+    def reason(self, request_id: str) -> str | None:
+        return self._reasons.get(request_id)
+
+
 class TokenRelay:
     """Carries tokens from the generation thread to Kafka, in order, as they appear."""
 
-    def __init__(self, broker: KafkaBroker, request: InferenceRequested, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, broker: KafkaBroker, request: InferenceRequested, loop: asyncio.AbstractEventLoop,
+                 cancellations: Cancellations | None = None) -> None:
         self._broker, self._request, self._loop = broker, request, loop
+        self._cancellations = cancellations
         self._queue: asyncio.Queue[tuple[int, int, str] | None] = asyncio.Queue()
         self.delivered = 0
         self.text = ""
@@ -109,6 +141,8 @@ class TokenRelay:
         self._task = loop.create_task(self._run())
 
     def on_token(self, index: int, token_id: int, text: str) -> None:  # called from the generation thread
+        if self._cancellations is not None and (reason := self._cancellations.reason(self._request.request_id)):
+            raise RequestCancelled(f"cancelled: {reason}")  # this token is not delivered, nor any later one
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, token_id, text))
 
     async def _run(self) -> None:
@@ -130,6 +164,13 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
              worker_name: str | None = None) -> None:
     worker = worker_name or default_source()
     metrics = Metrics(registry)
+    cancellations = Cancellations()
+
+    # No consumer group: every worker hears every cancellation and stops the request if it runs it.
+    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", title="worker-control",
+                       description="Cancellations: stop a request whose client went away")
+    async def on_cancel(event: InferenceCancelled) -> None:
+        cancellations.add(event.request_id, event.reason)
 
     @broker.subscriber(
         topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
@@ -139,10 +180,12 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
     async def run_inference(request: InferenceRequested) -> None:
         loop = asyncio.get_running_loop()
         started_at, t0 = _now(), loop.time()
-        relay = TokenRelay(broker, request, loop)
+        relay = TokenRelay(broker, request, loop, cancellations)
         error: str | None = None
         result: Generated | None = None
         try:
+            if (reason := cancellations.reason(request.request_id)) is not None:
+                raise RequestCancelled(f"cancelled before it started: {reason}")
             if request.model != model:
                 raise ValueError(f"this worker serves model {model!r}, not {request.model!r}")
             result = await asyncio.to_thread(generator.generate_stream, request.prompt, request.max_tokens, relay.on_token)

@@ -1,8 +1,10 @@
-"""Consumer group `ledger`: writes far_mesh_sessions and far_session_contributions.
+"""Consumer group `ledger`: sessions, contributions and their double-entry settlement.
 
-Batches of session events are written in one database transaction; the Kafka offsets are
-committed only after that commit (a failed write rewinds the batch for redelivery).
-Writes are keyed by event ids, so replaying the topic changes nothing.
+Batches of session events are written in one database transaction (sessions, contributions, the
+balanced postings that debit the client and credit the nodes and the platform fee, the reservations
+closed); the Kafka offsets are committed only after that commit (a failed write rewinds the batch for
+redelivery). Writes are keyed by event ids, so replaying the topic changes nothing. Outcomes whose money
+does not add up, or that name no client account, are dead-lettered (consumers/ledger/rules.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from consumers.ledger.repository import record_outcomes
+from consumers.ledger.rules import reject_reasons
 from farmesh import messaging
 from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
@@ -29,6 +32,10 @@ class Metrics:
         self.contributions = Counter("farmesh_ledger_contributions_recorded_total", "Contributions written", registry=registry)
         self.duplicates = Counter("farmesh_ledger_duplicate_outcomes_total", "Outcomes already recorded (redelivery/replay)", registry=registry)
         self.batch = Histogram("farmesh_ledger_batch_size", "Records per consumer batch", buckets=(1, 5, 20, 100, 500, 2000), registry=registry)
+        self.settled = Counter("farmesh_ledger_settled_sessions_total", "Sessions settled (postings written)",
+                               ["result"], registry=registry)
+        self.rejected = Counter("farmesh_ledger_rejected_outcomes_total", "Outcomes dead-lettered (money or account)",
+                                registry=registry)
 
 
 def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, max_records: int = 500) -> None:
@@ -42,6 +49,7 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
     async def record(_: list[Any], message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
         outcomes: list[SessionOutcome] = []
+        sources: list[Any] = []
         for record in records:
             try:
                 event = session_event_adapter.validate_json(record.value)
@@ -50,11 +58,18 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
                 continue
             if not isinstance(event, NodeContribution):  # contributions arrive inside their outcome
                 outcomes.append(event)
+                sources.append(record)
         async with pool.acquire() as conn:
-            result = await record_outcomes(conn, outcomes)
+            rejected = await reject_reasons(conn, outcomes, "far_session_contributions", "event_id")
+            for i, reason in rejected.items():
+                await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, sources[i], f"not settled: {reason}")
+            result = await record_outcomes(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
         metrics.batch.observe(len(records))
         metrics.recorded.inc(result.sessions)
         metrics.contributions.inc(result.contributions)
         metrics.duplicates.inc(result.duplicates)
+        metrics.rejected.inc(len(rejected))
+        metrics.settled.labels("settled").inc(result.settled)
+        metrics.settled.labels("released").inc(result.released)
         if result.duplicates:
             log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)

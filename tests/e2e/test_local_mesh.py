@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from farmesh.local_services import pid_alive
+from tests.support.money import farmesh
 
 pytestmark = pytest.mark.e2e
 PIDS = re.compile(r"\(pid (\d+)\)")
@@ -49,8 +50,9 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
         line = up.stdout.readline()  # blocks until ready (or exit)
         assert line.startswith("ready gateway=http://127.0.0.1:"), (line, up.stderr.read() if up.poll() else "")
         gateway = line.split("=", 1)[1].split()[0]
+        api_key = re.search(r" api_key=(\S+)", line)[1]  # `up` creates a demo key with credit
         body = {"prompt": "Hello, how are you?", "max_tokens": 100, "request_id": "test-001"}
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as client:
             async with client.stream("POST", f"{gateway}/api/inference/generate", json=body) as r:
                 lines = [x async for x in r.aiter_lines()]
             assert r.status_code == 200
@@ -58,16 +60,21 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
             conn = await asyncpg.connect(database_url)
             try:
                 for _ in range(100):
-                    if await conn.fetchval("SELECT count(*) FROM far_session_contributions WHERE request_id='test-001'") == 2:
-                        break
+                    if await conn.fetchval("SELECT count(*) FROM far_session_contributions WHERE request_id='test-001'") == 2 \
+                            and await conn.fetchval("SELECT count(*) FROM far_payment_items WHERE request_id='test-001'") == 2:
+                        break  # recorded by the ledger and by the payments group
                     time.sleep(0.1)
                 session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = 'test-001'")
                 rows = await conn.fetch("SELECT * FROM far_session_contributions WHERE request_id = 'test-001'")
+                reservation = await conn.fetchrow("SELECT * FROM far_reservations WHERE request_id = 'test-001'")
             finally:
                 await conn.close()
         assert session["status"] == "completed" and session["completion_tokens"] == 100
         assert len(rows) == 2 and len({r["peer_id"] for r in rows}) == 2
         assert sum(r["earnings"] for r in rows) == session["cost"] == 100 * session["price_per_token"]
+        assert reservation["status"] == "settled" and reservation["charged"] == session["cost"]
+        audit = await farmesh("ledger", "audit", "--database-url", database_url)
+        assert audit.exit_code == 0, audit.output
     finally:
         up.send_signal(signal.SIGTERM)
         try:

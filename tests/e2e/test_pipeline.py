@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from consumers.inference import worker
 from consumers.ledger import consumer as ledger
-from farmesh import messaging, money
+from farmesh import accounts, messaging, money
 from farmesh.generation import load_client
 from farmesh.settings import Settings
 from farmesh.swarm_view import SwarmView
@@ -40,10 +40,13 @@ async def gateway(swarm, kafka_bootstrap, database_url, db_pool):
         topics.GROUP_INFERENCE: lambda b, r: worker.register(b, client, settings.model_name, r),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
     }
+    async with db_pool.acquire() as conn:  # the paying client: every request authenticates
+        issued = await accounts.create_client(conn, "e2e-pipeline", money.to_base_units(Decimal(1)))
     try:
         app = create_app(settings, route_check=lambda: asyncio.to_thread(view.full_route))
         async with running(kafka_bootstrap, groups), serve(app) as url:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            async with httpx.AsyncClient(base_url=url, timeout=120,
+                                         headers={"Authorization": f"Bearer {issued.key}"}) as http:
                 yield http
     finally:
         view.shutdown()

@@ -10,6 +10,7 @@ import pytest
 
 from consumers.inference import worker
 from consumers.ledger import consumer as ledger
+from farmesh import accounts, money
 from farmesh.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
@@ -34,8 +35,11 @@ async def mesh(kafka_bootstrap, database_url, db_pool):
         topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
     }
+    async with db_pool.acquire() as conn:  # a client account with credit; every request authenticates
+        issued = await accounts.create_client(conn, f"gateway-{uuid.uuid4().hex[:8]}", money.to_base_units(Decimal(1)))
     async with running(kafka_bootstrap, groups), serve(create_app(settings, route_check)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30,
+                                     headers={"Authorization": f"Bearer {issued.key}"}) as client:
             yield client, route
 
 

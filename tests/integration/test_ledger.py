@@ -17,6 +17,7 @@ from tests.support.kafka import read_all, wait_caught_up
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+ACCOUNT = uuid.UUID("7b0e1b1e-0000-4000-8000-00000000a11c")  # the paying client (created by the fixture)
 
 
 def outcome(request_id: str, tokens: int = 10, failed: bool = False):
@@ -29,7 +30,7 @@ def outcome(request_id: str, tokens: int = 10, failed: bool = False):
     ]
     common = dict(request_id=request_id, model="tiny", prompt_tokens=5, completion_tokens=tokens,
                   completion="x" * tokens, price_per_token=Decimal("0.0001"), cost_far=cost, started_at=T0,
-                  finished_at=T0 + timedelta(seconds=1), worker="w", contributions=contributions)
+                  finished_at=T0 + timedelta(seconds=1), worker="w", contributions=contributions, account_id=ACCOUNT)
     return InferenceFailed(error="boom", **common) if failed else InferenceCompleted(finish_reason="length", **common)
 
 
@@ -42,6 +43,8 @@ async def snapshot(pool):
 @pytest.fixture
 async def running_ledger(kafka_bootstrap, db_pool):
     await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
+    await db_pool.execute("INSERT INTO far_accounts (account_id, kind, name) VALUES ($1, 'client', 'test_ledger') "
+                          "ON CONFLICT DO NOTHING", ACCOUNT)
     registry = CollectorRegistry()
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_LEDGER, registry)
     ledger.register(broker, db_pool, registry)

@@ -25,6 +25,9 @@ from db.migrate import (
 pytestmark = pytest.mark.integration
 
 OUR_TABLES = {"far_mesh_sessions", "far_nodes", "far_payment_batches", "far_session_contributions"}
+# Every packaged migration, in order (004 and whatever later issues added).
+ALL = [m.version for m in discover()]
+LABELS = [m.label for m in discover()]
 
 
 async def _tables(url: str) -> set[str]:
@@ -58,49 +61,51 @@ def migrations_copy(tmp_path: Path) -> Path:
 
 def test_discover_finds_004_with_down() -> None:
     migrations = discover()
-    assert [m.version for m in migrations] == [4]
+    assert migrations[0].version == 4 and ALL == sorted(set(ALL))
     assert migrations[0].name == "distributed_inference"
     assert migrations[0].down_sql and "DROP TABLE" in migrations[0].down_sql
+    assert all(m.down_sql for m in migrations), "every migration can be rolled back"
 
 
 async def test_migrate_rollback_cycle(empty_database_url: str) -> None:
     url = empty_database_url
     applied = await migrate(url)
-    assert [m.label for m in applied] == ["004_distributed_inference"]
+    assert [m.label for m in applied] == LABELS
     assert OUR_TABLES | {VERSION_TABLE} <= await _tables(url)
-    assert await _versions(url) == [4]
-    assert [(s.version, s.state) for s in await status(url)] == [(4, "applied")]
+    assert await _versions(url) == ALL
+    assert [(s.version, s.state) for s in await status(url)] == [(v, "applied") for v in ALL]
 
     assert await migrate(url) == []  # re-running is a no-op
-    assert await _versions(url) == [4]
+    assert await _versions(url) == ALL
 
     reverted = await rollback(url)
-    assert [m.version for m in reverted] == [4]
+    assert [m.version for m in reverted] == ALL[::-1]
     assert not OUR_TABLES & await _tables(url)
+    assert await _tables(url) <= {VERSION_TABLE}
     assert await _versions(url) == []
-    assert [(s.version, s.state) for s in await status(url)] == [(4, "pending")]
+    assert [(s.version, s.state) for s in await status(url)] == [(v, "pending") for v in ALL]
     assert await rollback(url) == []  # nothing left to revert
 
-    assert [m.version for m in await migrate(url)] == [4]  # and forward again
+    assert [m.version for m in await migrate(url)] == ALL  # and forward again
     assert OUR_TABLES <= await _tables(url)
 
 
 async def test_rollback_to_and_steps(empty_database_url: str) -> None:
     url = empty_database_url
     await migrate(url)
-    assert await rollback(url, to_version=4) == []  # nothing above 4
+    assert await rollback(url, to_version=ALL[-1]) == []  # nothing above the newest
     assert await rollback(url, steps=0) == []
-    assert [m.version for m in await rollback(url, steps=1)] == [4]
+    assert [m.version for m in await rollback(url, steps=1)] == [ALL[-1]]
     await migrate(url)
-    assert [m.version for m in await rollback(url, to_version=3)] == [4]
+    assert [m.version for m in await rollback(url, to_version=3)] == ALL[::-1]
     with pytest.raises(ValueError):
         await rollback(url, to_version=0, steps=1)
 
 
 async def test_concurrent_migrators_apply_once(empty_database_url: str) -> None:
     results = await asyncio.gather(*(migrate(empty_database_url) for _ in range(3)))
-    assert sorted(len(r) for r in results) == [0, 0, 1]
-    assert await _versions(empty_database_url) == [4]
+    assert sorted(len(r) for r in results) == [0, 0, len(ALL)]
+    assert await _versions(empty_database_url) == ALL
 
 
 async def test_changed_migration_is_refused(empty_database_url: str, migrations_copy: Path) -> None:
@@ -112,37 +117,37 @@ async def test_changed_migration_is_refused(empty_database_url: str, migrations_
     up.write_text(original + "\nALTER TABLE far_nodes ADD COLUMN sneaky INT;\n")
     with pytest.raises(ChecksumMismatchError, match="004_distributed_inference"):
         await migrate(url, migrations_dir=migrations_copy)
-    assert [s.state for s in await status(url, migrations_dir=migrations_copy)] == ["changed"]
+    assert [s.state for s in await status(url, migrations_dir=migrations_copy)] == ["changed"] + ["applied"] * (len(ALL) - 1)
     with pytest.raises(ChecksumMismatchError):
         await rollback(url, migrations_dir=migrations_copy)
 
     up.write_text(original)
     assert await migrate(url, migrations_dir=migrations_copy) == []
-    assert [m.version for m in await rollback(url, migrations_dir=migrations_copy)] == [4]
+    assert [m.version for m in await rollback(url, migrations_dir=migrations_copy)] == ALL[::-1]
 
 
 async def test_new_migration_applies_after_004_and_failed_one_rolls_back(
     empty_database_url: str, migrations_copy: Path
 ) -> None:
     url = empty_database_url
-    (migrations_copy / "005_extra.sql").write_text("CREATE TABLE far_extra (id INT PRIMARY KEY);")
-    (migrations_copy / "005_extra.down.sql").write_text("DROP TABLE far_extra;")
-    (migrations_copy / "006_broken.sql").write_text(
+    (migrations_copy / "900_extra.sql").write_text("CREATE TABLE far_extra (id INT PRIMARY KEY);")
+    (migrations_copy / "900_extra.down.sql").write_text("DROP TABLE far_extra;")
+    (migrations_copy / "901_broken.sql").write_text(
         "CREATE TABLE far_half (id INT); SELECT * FROM no_such_table;")
-    with pytest.raises(MigrationError, match="006_broken"):
+    with pytest.raises(MigrationError, match="901_broken"):
         await migrate(url, migrations_dir=migrations_copy)
     tables = await _tables(url)
-    assert "far_extra" in tables and "far_half" not in tables  # 006 rolled back as a whole
-    assert await _versions(url) == [4, 5]
+    assert "far_extra" in tables and "far_half" not in tables  # 901 rolled back as a whole
+    assert await _versions(url) == [*ALL, 900]
 
-    (migrations_copy / "006_broken.sql").unlink()
+    (migrations_copy / "901_broken.sql").unlink()
     with pytest.raises(MigrationError, match="no down migration"):
         # an applied version with no file here cannot be reverted
         await rollback(url, migrations_dir=Path(shutil.copytree(
-            migrations_copy, migrations_copy.parent / "only004",
-            ignore=shutil.ignore_patterns("005_*"))))
+            migrations_copy, migrations_copy.parent / "packaged-only",
+            ignore=shutil.ignore_patterns("900_*"))))
     reverted = await rollback(url, migrations_dir=migrations_copy)
-    assert [m.version for m in reverted] == [5, 4]
+    assert [m.version for m in reverted] == [900, *ALL[::-1]]
     assert "far_extra" not in await _tables(url)
 
 
@@ -190,7 +195,7 @@ def test_cli_migrate_status_rollback(empty_database_url: str) -> None:
     args = ["--database-url", empty_database_url]
     result = runner.invoke(db_group, ["migrate", *args])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == ["applied 004_distributed_inference"]
+    assert result.output.splitlines() == [f"applied {label}" for label in LABELS]
     result = runner.invoke(db_group, ["migrate", *args])
     assert result.output.splitlines() == ["database is up to date"]
     result = runner.invoke(db_group, ["status", *args])
@@ -199,4 +204,4 @@ def test_cli_migrate_status_rollback(empty_database_url: str) -> None:
     assert result.exit_code != 0 and "mutually exclusive" in result.output
     result = runner.invoke(db_group, ["rollback", "--yes", *args])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == ["reverted 004_distributed_inference"]
+    assert result.output.splitlines() == [f"reverted {label}" for label in LABELS[::-1]]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -29,16 +30,18 @@ def test_envelope(event_type):
 
 def test_money_is_an_exact_string_on_the_wire_and_back():
     e = events.InferenceRequested(request_id="r", model="m", prompt="p", max_tokens=1,
-                                  price_per_token=Decimal("0.000000000000000001"), reply_topic="t")
+                                  price_per_token=Decimal("0.000000000000000001"), reply_topic="t",
+                                  account_id=uuid.uuid4(), platform_fee_rate=Decimal("0.05"))
     wire = json.loads(e.model_dump_json())
     assert wire["price_per_token"] == "0.000000000000000001"
+    assert wire["platform_fee_rate"] == "0.05" and wire["schema_version"] == 2
     assert events.InferenceRequested.model_validate_json(e.model_dump_json()) == e
 
 
 def test_unknown_fields_and_bad_ids_are_rejected():
     with pytest.raises(ValidationError):
         events.InferenceRequested(request_id="has space", model="m", prompt="p", max_tokens=1,
-                                  price_per_token=Decimal(1), reply_topic="t")
+                                  price_per_token=Decimal(1), reply_topic="t", account_id=uuid.uuid4())
     with pytest.raises(ValidationError):
         events.session_event_adapter.validate_json(b'{"type": "inference.completed", "extra": 1}')
 

@@ -1,6 +1,7 @@
 """The inference handler on FastStream's in-memory broker, with a fake generator."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -25,6 +26,7 @@ from schemas.events import (
 )
 
 MODEL = "tiny"
+ACCOUNT = uuid.UUID("7b0e1b1e-0000-4000-8000-00000000c11e")
 
 
 @dataclass
@@ -82,7 +84,7 @@ def build(generator):
 
 def request(**kw) -> InferenceRequested:
     base = dict(request_id="r-1", model=MODEL, prompt="Hi", max_tokens=3, price_per_token=Decimal("0.0001"),
-                reply_topic=topics.REPLIES.name)
+                reply_topic=topics.REPLIES.name, account_id=ACCOUNT)
     return InferenceRequested(**{**base, **kw})
 
 
@@ -101,6 +103,16 @@ async def test_streams_tokens_then_settles_exactly():
     assert sum(c.earnings_far for c in outcome.contributions) == outcome.cost_far
     assert all(isinstance(c, NodeContribution) and c.session_event_id == outcome.event_id for c in contribs)
     assert {c.event_id for c in contribs} == {c.contribution_id for c in outcome.contributions}
+    assert outcome.account_id == ACCOUNT and outcome.platform_fee_far == 0  # the ledger debits this account
+
+
+async def test_platform_fee_is_taken_before_the_nodes_split():
+    broker, seen = build(FakeGenerator())
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(request(platform_fee_rate=Decimal("0.1")), topics.REQUESTS.name, key=b"r-1")
+    outcome = seen["sessions"][0]
+    assert outcome.cost_far == Decimal("0.0003") and outcome.platform_fee_far == Decimal("0.00003")
+    assert sum(c.earnings_far for c in outcome.contributions) + outcome.platform_fee_far == outcome.cost_far
 
 
 async def test_failure_charges_only_delivered_tokens():
@@ -130,3 +142,18 @@ async def test_bad_request_goes_to_dead_letter(payload):
     assert seen["sessions"] == [] and len(seen["dead"]) == 1
     assert seen["dead"][0].original_topic == topics.REQUESTS.name
     assert seen["dead"][0].payload == payload.decode()
+
+
+async def test_a_request_cancelled_before_it_runs_is_not_generated_nor_charged():
+    from schemas.events import InferenceCancelled
+
+    generator = FakeGenerator()
+    broker, seen = build(generator)
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(InferenceCancelled(request_id="r-1", reason="the client disconnected"),
+                         topics.CONTROL.name, key=b"r-1")
+        await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
+    outcome = seen["sessions"][0]
+    assert isinstance(outcome, InferenceFailed) and "cancelled" in outcome.error
+    assert outcome.completion_tokens == 0 and outcome.cost_far == 0
+    assert [e for e in seen["replies"] if isinstance(e, TokenChunk)] == []

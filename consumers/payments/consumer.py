@@ -1,0 +1,73 @@
+"""Consumer group `payments`: the work to pay, per ISO week, read from the sessions topic.
+
+It consumes farmesh.sessions independently of the ledger and applies the ledger's rule
+(consumers/ledger/rules.py): the first accepted outcome of a request_id wins. Both groups read each
+partition in the same order, so they pick the same outcome and the payments group pays exactly the work
+the ledger credits. It uses the contributions embedded in that outcome, not the NodeContribution events:
+those are also published for a losing rerun of a redelivered request, and are for analytics consumers.
+
+Each consumer batch is written in one database transaction; offsets are committed after that commit.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.middlewares import AckPolicy
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from consumers.ledger.rules import reject_reasons
+from consumers.payments.repository import record_payable
+from farmesh import messaging
+from schemas import topics
+from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sessions = Counter("farmesh_payments_sessions_recorded_total", "Sessions whose work is payable", registry=registry)
+        self.items = Counter("farmesh_payments_items_recorded_total", "Payable contributions recorded", registry=registry)
+        self.duplicates = Counter("farmesh_payments_duplicate_outcomes_total", "Outcomes of requests already recorded",
+                                  registry=registry)
+        self.rejected = Counter("farmesh_payments_rejected_outcomes_total", "Outcomes not paid (rejected by the ledger rule)",
+                                registry=registry)
+        self.batch = Histogram("farmesh_payments_batch_size", "Records per consumer batch",
+                               buckets=(1, 5, 20, 100, 500, 2000), registry=registry)
+
+
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, max_records: int = 500) -> None:
+    metrics = Metrics(registry)
+
+    @broker.subscriber(
+        topics.SESSIONS.name, group_id=topics.GROUP_PAYMENTS, batch=True, max_records=max_records,
+        auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="payments", description="Records the payable work of each session by ISO week",
+    )
+    async def record(_: list[Any], message: KafkaMessage) -> None:
+        records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
+        outcomes: list[SessionOutcome] = []
+        sources: list[Any] = []
+        for record in records:
+            try:
+                event = session_event_adapter.validate_json(record.value)
+            except (ValidationError, ValueError) as exc:
+                await messaging.send_dead_letter(broker, topics.GROUP_PAYMENTS, record, f"invalid session event: {exc}")
+                continue
+            if not isinstance(event, NodeContribution):
+                outcomes.append(event)
+                sources.append(record)
+        async with pool.acquire() as conn:
+            rejected = await reject_reasons(conn, outcomes, "far_payment_items", "contribution_id")
+            for i, reason in rejected.items():
+                await messaging.send_dead_letter(broker, topics.GROUP_PAYMENTS, sources[i], f"not payable: {reason}")
+            result = await record_payable(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
+        metrics.batch.observe(len(records))
+        metrics.sessions.inc(result.sessions)
+        metrics.items.inc(result.items)
+        metrics.duplicates.inc(result.duplicates)
+        metrics.rejected.inc(len(rejected))

@@ -1,0 +1,45 @@
+"""`farmesh registry rebuild`: the node registry rebuilt from the heartbeat topic alone."""
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import click
+
+from farmesh.settings import Settings
+from schemas import topics
+
+
+@click.command("rebuild")
+@click.option("--database-url", required=True, metavar="URL",
+              help="An empty database to rebuild into (migrated first); never the live one.")
+@click.option("--kafka-bootstrap", envvar="FARMESH_KAFKA_BOOTSTRAP", default=None, metavar="HOST:PORT",
+              help="Kafka bootstrap servers [FARMESH_KAFKA_BOOTSTRAP]")
+@click.option("--until-group", default=None, metavar="GROUP",
+              help="Stop where this consumer group's committed offsets are (e.g. `registry`, stopped), so the "
+                   "result can be compared with its table; default: the end of the topic now.")
+def rebuild_command(database_url: str, kafka_bootstrap: str | None, until_group: str | None) -> None:
+    """Replay the heartbeat topic from the beginning into an empty registry (same rules, publishes nothing)."""
+    settings = Settings(**({"kafka_bootstrap": kafka_bootstrap} if kafka_bootstrap else {}))
+    counts = asyncio.run(_rebuild(settings, database_url, until_group))
+    click.echo(f"rebuilt {counts['nodes']} nodes and {counts['changes']} state changes from {counts['read']} "
+               f"records ({counts['refused']} refused)")
+
+
+async def _rebuild(settings: Settings, database_url: str, until_group: str | None) -> dict[str, int]:
+    from consumers.registry.consumer import committed_offsets, rebuild
+    from db.migrate import migrate
+
+    await migrate(database_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        if await pool.fetchval("SELECT count(*) FROM far_nodes"):
+            raise click.ClickException("far_nodes is not empty: rebuild into an empty database")
+        until = await committed_offsets(settings.kafka_bootstrap, until_group) if until_group else None
+        counts = await rebuild(settings.kafka_bootstrap, pool, topic=topics.HEARTBEATS.name, until=until,
+                               max_skew=settings.heartbeat_max_skew)
+        counts["nodes"] = await pool.fetchval("SELECT count(*) FROM far_nodes")
+        counts["changes"] = await pool.fetchval("SELECT count(*) FROM far_node_state_changes")
+        return counts
+    finally:
+        await pool.close()
