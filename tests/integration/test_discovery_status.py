@@ -5,7 +5,9 @@ Skipped when /usr/bin/chromium is missing (install: `apt-get install -y chromium
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -26,14 +28,23 @@ needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 def render(url: str, budget_ms: int = 8000) -> str:
     """The DOM after the page loaded and its script ran (virtual time: fetches complete before the budget ends)."""
     with tempfile.TemporaryDirectory(prefix="farmesh-chromium-") as profile:
-        result = subprocess.run(
+        # Its own process group, so a browser that hangs is stopped with all of its helper processes.
+        browser = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
              f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-            capture_output=True, text=True, timeout=90,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+        try:
+            out, err = browser.communicate(timeout=90)
+        finally:
+            try:
+                os.killpg(browser.pid, signal.SIGKILL)  # helpers that outlive the main process
+            except ProcessLookupError:
+                pass
+            browser.wait()
+    assert browser.returncode == 0, err[-2000:]
+    return out
 
 
 def attribute(dom: str, tag_attr: str, name: str) -> list[str]:
