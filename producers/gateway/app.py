@@ -84,7 +84,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
     reply_topic = topics.REPLIES.name
 
     # No consumer group: every gateway reads every reply and keeps those of its own streams.
-    @broker.subscriber(reply_topic, auto_offset_reset="latest", title="gateway-replies",
+    @broker.subscriber(reply_topic, auto_offset_reset="latest", fetch_max_wait_ms=10, title="gateway-replies",
                        description="Token streams for the requests this gateway published")
     async def on_reply(event: ReplyEvent) -> None:
         streams.deliver(event)
