@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import uvicorn
@@ -14,6 +15,7 @@ from faststream.asgi import AsgiFastStream, make_ping_asgi
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from farmesh import messaging
+from farmesh.lag import LagMonitor
 from farmesh.settings import Settings
 from schemas import topics
 
@@ -31,9 +33,15 @@ async def _serve(app, host: str, port: int, name: str) -> None:
     await task
 
 
-def _consumer_app(broker, registry: CollectorRegistry) -> AsgiFastStream:
+def _consumer_app(broker, registry: CollectorRegistry, settings: Settings, group: str, topic: str,
+                  after_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+                  on_shutdown: Sequence[Callable[[], Awaitable[None]]] = ()) -> AsgiFastStream:
+    """The consumer group's ASGI app: subscribers, /metrics (with the group's lag) and /health."""
+    lag = LagMonitor(settings.kafka_bootstrap, group, [topic], registry)
     return AsgiFastStream(
         broker,
+        after_startup=[lag.start, *after_startup],
+        on_shutdown=[*on_shutdown, lag.stop],
         asgi_routes=[("/metrics", make_asgi_app(registry)), ("/health", make_ping_asgi(broker, timeout=5.0))],
     )
 
@@ -62,7 +70,8 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     else:
         log.warning("FARMESH_DATABASE_URL is not set: routes ignore the node registry")
     try:
-        await _serve(_consumer_app(broker, registry), host, port, "worker")
+        await _serve(_consumer_app(broker, registry, settings, topics.GROUP_INFERENCE, topics.REQUESTS.name),
+                     host, port, "worker")
     finally:
         if preferring is not None:
             preferring.cancel()
@@ -79,7 +88,8 @@ async def run_ledger(settings: Settings, host: str, port: int) -> None:
         registry = CollectorRegistry()
         broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_LEDGER, registry)
         consumer.register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry), host, port, "ledger")
+        await _serve(_consumer_app(broker, registry, settings, topics.GROUP_LEDGER, topics.SESSIONS.name),
+                     host, port, "ledger")
     finally:
         await pool.close()
 
@@ -93,7 +103,8 @@ async def run_payments(settings: Settings, host: str, port: int) -> None:
         registry = CollectorRegistry()
         broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_PAYMENTS, registry)
         consumer.register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry), host, port, "payments")
+        await _serve(_consumer_app(broker, registry, settings, topics.GROUP_PAYMENTS, topics.SESSIONS.name),
+                     host, port, "payments")
     finally:
         await pool.close()
 
@@ -117,10 +128,8 @@ async def run_registry(settings: Settings, host: str, port: int) -> None:
             for task in tasks:
                 task.cancel()
 
-        app = AsgiFastStream(
-            broker, after_startup=[start_sweeping], on_shutdown=[stop_sweeping],
-            asgi_routes=[("/metrics", make_asgi_app(registry)), ("/health", make_ping_asgi(broker, timeout=5.0))],
-        )
+        app = _consumer_app(broker, registry, settings, topics.GROUP_REGISTRY, topics.HEARTBEATS.name,
+                            after_startup=[start_sweeping], on_shutdown=[stop_sweeping])
         await _serve(app, host, port, "registry")
     finally:
         await pool.close()
