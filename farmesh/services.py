@@ -79,34 +79,29 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
             await pool.close()
 
 
-async def run_ledger(settings: Settings, host: str, port: int) -> None:
-    from consumers.ledger import consumer
-
+async def _run_database_consumer(settings: Settings, host: str, port: int, group: str, topic: str,
+                                 register: Callable[..., object]) -> None:
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
     try:
         registry = CollectorRegistry()
-        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_LEDGER, registry)
-        consumer.register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry, settings, topics.GROUP_LEDGER, topics.SESSIONS.name),
-                     host, port, "ledger")
+        broker = messaging.create_broker(settings.kafka_bootstrap, group, registry)
+        register(broker, pool, registry)
+        await _serve(_consumer_app(broker, registry, settings, group, topic), host, port, group)
     finally:
         await pool.close()
+
+
+async def run_ledger(settings: Settings, host: str, port: int) -> None:
+    from consumers.ledger import consumer
+
+    await _run_database_consumer(settings, host, port, topics.GROUP_LEDGER, topics.SESSIONS.name, consumer.register)
 
 
 async def run_payments(settings: Settings, host: str, port: int) -> None:
     from consumers.payments import consumer
 
-    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
-    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
-    try:
-        registry = CollectorRegistry()
-        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_PAYMENTS, registry)
-        consumer.register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry, settings, topics.GROUP_PAYMENTS, topics.SESSIONS.name),
-                     host, port, "payments")
-    finally:
-        await pool.close()
+    await _run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, consumer.register)
 
 
 async def run_registry(settings: Settings, host: str, port: int) -> None:

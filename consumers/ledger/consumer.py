@@ -15,13 +15,11 @@ import asyncpg
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import ValidationError
 
 from consumers.ledger.repository import record_outcomes
-from consumers.ledger.rules import reject_reasons
+from consumers.ledger.rules import outcomes_of, reject_reasons
 from farmesh import messaging
 from schemas import topics
-from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +45,7 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
         title="ledger", description="Records finished sessions and their contributions",
     )
     async def record(_: list[Any], message: KafkaMessage) -> None:
-        records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
-        outcomes: list[SessionOutcome] = []
-        sources: list[Any] = []
-        for record in records:
-            try:
-                event = session_event_adapter.validate_json(record.value)
-            except (ValidationError, ValueError) as exc:
-                await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, record, f"invalid session event: {exc}")
-                continue
-            if not isinstance(event, NodeContribution):  # contributions arrive inside their outcome
-                outcomes.append(event)
-                sources.append(record)
+        records, outcomes, sources = await outcomes_of(broker, topics.GROUP_LEDGER, message)
         async with pool.acquire() as conn:
             rejected = await reject_reasons(conn, outcomes, "far_session_contributions", "event_id")
             for i, reason in rejected.items():

@@ -8,14 +8,15 @@ the work the ledger credits, and a replay rebuilds the same projections.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 from uuid import UUID
 
 import asyncpg
+from pydantic import ValidationError
 
-from farmesh import money
+from farmesh import messaging, money
 from farmesh.pricing import Work, fee_rate_units, platform_fee, session_cost
-from schemas.events import SessionOutcome
+from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
 
 def money_problem(o: SessionOutcome) -> str | None:
@@ -85,3 +86,25 @@ async def reject_reasons(conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequ
     owners = {r["id"]: r["request_id"] for r in await conn.fetch(
         f"SELECT {id_column} AS id, request_id FROM {contributions_table} WHERE {id_column} = ANY($1::uuid[])", ids)}
     return reasons_for(outcomes, await known_clients(conn, outcomes), owners)
+
+
+async def outcomes_of(broker: Any, group: str, message: Any) -> tuple[list[Any], list[SessionOutcome], list[Any]]:
+    """A consumer batch of the sessions topic: (records, session outcomes, the record of each outcome).
+
+    Records that are no session event go to the dead-letter topic; NodeContribution events are skipped
+    because every contribution also travels inside its outcome.
+    """
+    raw = message.raw_message
+    records = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    outcomes: list[SessionOutcome] = []
+    sources: list[Any] = []
+    for record in records:
+        try:
+            event = session_event_adapter.validate_json(record.value)
+        except (ValidationError, ValueError) as exc:
+            await messaging.send_dead_letter(broker, group, record, f"invalid session event: {exc}")
+            continue
+        if not isinstance(event, NodeContribution):
+            outcomes.append(event)
+            sources.append(record)
+    return records, outcomes, sources
