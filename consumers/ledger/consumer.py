@@ -9,7 +9,7 @@ does not add up, or that name no client account, are dead-lettered (consumers/le
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import asyncpg
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -20,6 +20,7 @@ from consumers.ledger.repository import record_outcomes
 from consumers.ledger.rules import outcomes_of, reject_reasons
 from farmesh import messaging
 from schemas import topics
+from schemas.events import Contribution
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,18 @@ class Metrics:
                                ["result"], registry=registry)
         self.rejected = Counter("farmesh_ledger_rejected_outcomes_total", "Outcomes dead-lettered (money or account)",
                                 registry=registry)
+        # Per node, only what the ledger newly settled (a duplicate or a replay adds nothing). FAR as a float is
+        # fine for a graph; the exact amounts are the ledger's (far_ledger_entries).
+        self.node_earnings = Counter("farmesh_node_earnings_far_total", "FAR credited to each node by settlements",
+                                     ["peer_id"], registry=registry)
+        self.node_tokens = Counter("farmesh_node_settled_tokens_total", "Tokens processed per node in settled sessions",
+                                   ["peer_id"], registry=registry)
+
+    def count_node_work(self, credited: Sequence[Contribution]) -> None:
+        """Add the newly settled contributions to the per-node earnings and tokens."""
+        for c in credited:
+            self.node_earnings.labels(c.peer_id).inc(float(c.earnings_far))
+            self.node_tokens.labels(c.peer_id).inc(c.tokens_processed)
 
 
 def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, max_records: int = 500) -> None:
@@ -58,5 +71,6 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
         metrics.rejected.inc(len(rejected))
         metrics.settled.labels("settled").inc(result.settled)
         metrics.settled.labels("released").inc(result.released)
+        metrics.count_node_work(result.credited)
         if result.duplicates:
             log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import asyncpg
 
 from farmesh import accounts
-from schemas.events import InferenceCompleted, SessionOutcome
+from schemas.events import Contribution, InferenceCompleted, SessionOutcome
 
 _INSERT_SESSIONS = """
 INSERT INTO far_mesh_sessions (request_id, event_id, model, status, prompt_tokens, completion_tokens,
@@ -78,6 +78,8 @@ class Recorded:
     duplicates: int
     settled: int = 0
     released: int = 0
+    # The contributions whose node credit this batch posted (not those of duplicates): for per-node metrics.
+    credited: tuple[Contribution, ...] = ()
 
 
 def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -93,7 +95,7 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOu
     if not outcomes:
         return Recorded(0, 0, 0)
     session_rows = [
-        (o.request_id, o.event_id, o.model, "completed" if isinstance(o, InferenceCompleted) else "failed",
+        (o.request_id, o.event_id, o.model, o.status,
          o.prompt_tokens, o.completion_tokens, o.completion,
          o.finish_reason if isinstance(o, InferenceCompleted) else None,
          None if isinstance(o, InferenceCompleted) else o.error,
@@ -110,14 +112,22 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOu
             for o in winners for c in o.contributions
         ]
         status = await conn.execute(_INSERT_CONTRIBUTIONS, *_columns(contribution_rows)) if contribution_rows else "INSERT 0 0"
-        settled, released = await _settle(conn, winners)
-    return Recorded(len(inserted), int(status.split()[-1]), len(outcomes) - len(inserted), settled, released)
+        settled, released, posted = await _settle(conn, winners)
+    return Recorded(len(inserted), int(status.split()[-1]), len(outcomes) - len(inserted), settled, released,
+                    _credited(winners, posted))
 
 
-async def _settle(conn: asyncpg.Connection, winners: Sequence[SessionOutcome]) -> tuple[int, int]:
-    """Post each new session's settlement and close its reservation (inside the caller's transaction)."""
+def _credited(winners: Sequence[SessionOutcome], posted: set[Any]) -> tuple[Contribution, ...]:
+    """The contributions of the outcomes whose settlement this batch posted."""
+    return tuple(c for o in winners if o.event_id in posted for c in o.contributions)
+
+
+async def _settle(conn: asyncpg.Connection, winners: Sequence[SessionOutcome]) -> tuple[int, int, set[Any]]:
+    """Post each new session's settlement and close its reservation (inside the caller's transaction).
+
+    Returns (settled, released, the event ids whose settlement was posted now)."""
     if not winners:
-        return 0, 0
+        return 0, 0, set()
     peers = sorted({c.peer_id for o in winners for c in o.contributions})
     if peers:
         await conn.execute(_INSERT_NODE_ACCOUNTS, [accounts.node_account_id(p) for p in peers], peers)
@@ -137,12 +147,12 @@ async def _settle(conn: asyncpg.Connection, winners: Sequence[SessionOutcome]) -
         await conn.execute(_INSERT_ENTRIES, *_columns(entries))
     closing = [
         (o.request_id, "settled" if isinstance(o, InferenceCompleted) else "released", o.cost_far, o.event_id,
-         None if isinstance(o, InferenceCompleted) else f"session failed: charged {o.completion_tokens} delivered tokens")
+         None if isinstance(o, InferenceCompleted) else f"session {o.status}: charged {o.completion_tokens} delivered tokens")
         for o in winners if o.event_id in posted
     ]
     await conn.execute(_CLOSE_RESERVATIONS, *_columns(closing))
     settled = sum(1 for c in closing if c[1] == "settled")
-    return settled, len(closing) - settled
+    return settled, len(closing) - settled, posted
 
 
 async def fetch_session(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> dict[str, Any] | None:

@@ -20,12 +20,12 @@ T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 ACCOUNT = uuid.UUID("7b0e1b1e-0000-4000-8000-00000000a11c")  # the paying client (created by the fixture)
 
 
-def outcome(request_id: str, tokens: int = 10, failed: bool = False):
+def outcome(request_id: str, tokens: int = 10, failed: bool = False, peers: tuple[str, str] = ("peerA", "peerB")):
     cost = Decimal("0.0001") * tokens
     contributions = [
-        Contribution(contribution_id=uuid.uuid4(), peer_id="peerA", start_block=0, end_block=2,
+        Contribution(contribution_id=uuid.uuid4(), peer_id=peers[0], start_block=0, end_block=2,
                      tokens_processed=tokens + 4, earnings_far=cost / 2),
-        Contribution(contribution_id=uuid.uuid4(), peer_id="peerB", start_block=2, end_block=4,
+        Contribution(contribution_id=uuid.uuid4(), peer_id=peers[1], start_block=2, end_block=4,
                      tokens_processed=tokens + 4, earnings_far=cost / 2),
     ]
     common = dict(request_id=request_id, model="tiny", prompt_tokens=5, completion_tokens=tokens,
@@ -41,7 +41,8 @@ async def snapshot(pool):
 
 
 @pytest.fixture
-async def running_ledger(kafka_bootstrap, db_pool):
+async def ledger_and_registry(kafka_bootstrap, db_pool):
+    """A running ledger group: (a producer for the sessions topic, the ledger's metrics registry)."""
     await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     await db_pool.execute("INSERT INTO far_accounts (account_id, kind, name) VALUES ($1, 'client', 'test_ledger') "
                           "ON CONFLICT DO NOTHING", ACCOUNT)
@@ -51,9 +52,14 @@ async def running_ledger(kafka_bootstrap, db_pool):
     await broker.start()
     publisher = messaging.create_broker(kafka_bootstrap, "test-producer", CollectorRegistry())
     await publisher.connect()
-    yield publisher
+    yield publisher, registry
     await publisher.stop()
     await broker.stop()
+
+
+@pytest.fixture
+def running_ledger(ledger_and_registry):
+    return ledger_and_registry[0]
 
 
 async def test_replayed_and_duplicated_events_leave_the_ledger_unchanged(kafka_bootstrap, db_pool, running_ledger):
@@ -91,3 +97,32 @@ async def test_malformed_event_is_dead_lettered_and_the_rest_recorded(kafka_boot
     assert await db_pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE request_id = $1", good.request_id) == 1
     letters = [DeadLetter.model_validate_json(v) for v in await read_all(kafka_bootstrap, topics.DEAD_LETTER.name)]
     assert any(d.key == "bad" and d.consumer_group == "ledger" and "request_id" in d.reason for d in letters)
+
+
+async def test_per_node_earnings_count_only_newly_settled_work(kafka_bootstrap, db_pool, ledger_and_registry):
+    publisher, registry = ledger_and_registry
+    run = uuid.uuid4().hex[:8]
+    peers = (f"{run}-peerA", f"{run}-peerB")
+
+    def node_metrics() -> dict[str, tuple[float | None, float | None]]:
+        return {p: (registry.get_sample_value("farmesh_node_earnings_far_total", {"peer_id": p}),
+                    registry.get_sample_value("farmesh_node_settled_tokens_total", {"peer_id": p})) for p in peers}
+
+    events = [outcome(f"{run}-{i}", tokens=i + 1, failed=(i == 2), peers=peers) for i in range(4)]
+    for e in events:
+        await messaging.publish(publisher, topics.SESSIONS.name, e, e.request_id)
+    await wait_caught_up(kafka_bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)
+    first = node_metrics()
+    for p in peers:
+        credits = [c for e in events for c in e.contributions if c.peer_id == p]
+        earned = await db_pool.fetchval("SELECT sum(earnings) FROM far_session_contributions WHERE peer_id = $1", p)
+        assert first[p][0] == pytest.approx(float(earned)) and earned == sum(c.earnings_far for c in credits)
+        assert first[p][1] == sum(c.tokens_processed for c in credits)
+
+    # The same events again, and a second outcome of a session already recorded (a rerun): nothing is settled.
+    rerun = outcome(f"{run}-0", tokens=7, peers=peers)
+    for e in events + [rerun]:
+        await messaging.publish(publisher, topics.SESSIONS.name, e, e.request_id)
+    await wait_caught_up(kafka_bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)
+    assert registry.get_sample_value("farmesh_ledger_duplicate_outcomes_total") >= len(events) + 1
+    assert node_metrics() == first
