@@ -35,7 +35,7 @@ from farmesh import money
 from farmesh.cli import with_settings
 from farmesh.settings import Settings
 from schemas import topics
-from schemas.events import InferenceCompleted, NodeContribution, SessionOutcome, session_event_adapter
+from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
 SCHEMA = "far_replay"
 _LOCK = "farmesh.replay"
@@ -173,7 +173,7 @@ async def _write(conn: asyncpg.Connection, state: Replayed, since: datetime | No
         sessions, contributions = [], []
         for o, partition, offset in state.winners.values():
             sessions.append((o.request_id, o.event_id, o.model, o.account_id,
-                             "completed" if isinstance(o, InferenceCompleted) else "failed", o.prompt_tokens,
+                             o.status, o.prompt_tokens,
                              o.completion_tokens, o.price_per_token, o.cost_far, o.platform_fee_far, o.finished_at,
                              partition, offset))
             contributions += [(c.contribution_id, o.request_id, o.model, c.peer_id, c.start_block, c.end_block,

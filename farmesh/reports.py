@@ -21,7 +21,9 @@ _WINDOW = "($1::timestamptz IS NULL OR s.finished_at >= $1) AND ($2::timestamptz
 QUERIES = {
     "model": f"""
         SELECT s.model, count(*) AS sessions, count(*) FILTER (WHERE s.status = 'completed') AS completed,
-               count(*) FILTER (WHERE s.status = 'failed') AS failed, count(DISTINCT s.account_id) AS clients,
+               count(*) FILTER (WHERE s.status = 'failed') AS failed,
+               count(*) FILTER (WHERE s.status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE s.status = 'expired') AS expired, count(DISTINCT s.account_id) AS clients,
                sum(s.prompt_tokens)::bigint AS prompt_tokens, sum(s.completion_tokens)::bigint AS completion_tokens,
                sum(s.cost) AS charged_far, sum(COALESCE(s.platform_fee, 0)) AS fees_far,
                sum(s.cost - COALESCE(s.platform_fee, 0)) AS node_earnings_far
@@ -43,7 +45,9 @@ QUERIES = {
         WHERE {_WINDOW} GROUP BY c.peer_id, n.wallet ORDER BY earnings_far DESC, c.peer_id""",
     "day": f"""
         SELECT to_char(s.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) AS sessions,
-               count(*) FILTER (WHERE s.status = 'failed') AS failed, count(DISTINCT s.account_id) AS clients,
+               count(*) FILTER (WHERE s.status = 'failed') AS failed,
+               count(*) FILTER (WHERE s.status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE s.status = 'expired') AS expired, count(DISTINCT s.account_id) AS clients,
                sum(s.completion_tokens)::bigint AS completion_tokens, sum(s.cost) AS charged_far,
                sum(COALESCE(s.platform_fee, 0)) AS fees_far,
                sum(s.cost - COALESCE(s.platform_fee, 0)) AS node_earnings_far

@@ -63,12 +63,33 @@ class Event(BaseModel):
     source: str = Field(default_factory=default_source, max_length=256)
 
 
+StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class Sampling(BaseModel):
+    """How the next token is chosen.  temperature 0 is greedy (top_p, top_k and seed then change nothing).
+
+    Sampling draws from a random generator seeded by sha256(request_id, seed) (farmesh.sampling), so a
+    request that is redelivered to another worker regenerates exactly the same tokens.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(default=0.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass")
+    top_k: int = Field(default=0, ge=0, le=100_000, description="Keep the k most likely tokens; 0 keeps all")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Mixed with the request id")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=4,
+                                     description="Generation ends before the first of these in the text")
+
+
 class InferenceRequested(Event):
     """A client asked for a completion; published by the gateway, keyed by request_id."""
 
     type: Literal["inference.requested"] = "inference.requested"
     # v2: account_id and platform_fee_rate (the gateway reserved max_tokens x price on that account).
-    schema_version: int = 2
+    # v3: sampling and deadline.
+    schema_version: int = 3
     request_id: RequestId
     model: str
     prompt: str = Field(min_length=1, max_length=100_000)
@@ -76,7 +97,12 @@ class InferenceRequested(Event):
     price_per_token: Far
     account_id: AccountId
     platform_fee_rate: FeeRate = Decimal(0)
-    reply_topic: str = Field(description="Topic the worker streams TokenChunk/StreamEnded events to")
+    reply_topic: str = Field(description="Topic the worker streams TokenChunk/StreamEnded events to "
+                             "(the asking gateway's own: farmesh.inference.replies.<gateway id>)")
+    sampling: Sampling = Field(default_factory=Sampling)
+    deadline: AwareDatetime | None = Field(
+        default=None, description="A worker that picks the request up later than this does not run it: "
+        "the session is settled as expired and charged nothing")
 
 
 class TokenChunk(Event):
@@ -114,7 +140,7 @@ class StreamEnded(Event):
 
     type: Literal["inference.stream_ended"] = "inference.stream_ended"
     request_id: RequestId
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "cancelled", "expired"]
     finish_reason: Literal["length", "stop", "error"]
     usage: Usage
     error: str | None = None
@@ -168,12 +194,25 @@ class InferenceCompleted(SessionOutcome):
     type: Literal["inference.completed"] = "inference.completed"
     finish_reason: Literal["length", "stop"]
 
+    @property
+    def status(self) -> Literal["completed"]:
+        """far_mesh_sessions.status of this outcome."""
+        return "completed"
+
 
 class InferenceFailed(SessionOutcome):
     """Generation broke off; only delivered tokens are charged and only work used is paid."""
 
     type: Literal["inference.failed"] = "inference.failed"
     error: str
+    # Why it ended early: the generation broke ("error"), its client went away ("cancelled"), or it was
+    # picked up after its deadline and never ran ("expired"). Absent on events from before this field.
+    reason: Literal["error", "cancelled", "expired"] = "error"
+
+    @property
+    def status(self) -> Literal["failed", "cancelled", "expired"]:
+        """far_mesh_sessions.status of this outcome."""
+        return "failed" if self.reason == "error" else self.reason
 
 
 class NodeContribution(Event):

@@ -34,7 +34,7 @@ def test_money_is_an_exact_string_on_the_wire_and_back():
                                   account_id=uuid.uuid4(), platform_fee_rate=Decimal("0.05"))
     wire = json.loads(e.model_dump_json())
     assert wire["price_per_token"] == "0.000000000000000001"
-    assert wire["platform_fee_rate"] == "0.05" and wire["schema_version"] == 2
+    assert wire["platform_fee_rate"] == "0.05" and wire["schema_version"] == 3
     assert events.InferenceRequested.model_validate_json(e.model_dump_json()) == e
 
 
