@@ -1,5 +1,6 @@
-"""Petals client side of the inference worker: greedy, streamed generation over our own swarm, with a record
-of which peer ran which blocks for how many tokens.
+"""Petals client side of the inference worker: streamed generation over our own swarm (greedy, or sampled as a
+request's `Sampling` says, with its stop sequences), with a record of which peer ran which blocks for how many
+tokens.
 
 Everything here blocks (Petals runs its own event-loop thread); async callers use asyncio.to_thread.
 """
@@ -15,11 +16,14 @@ import torch
 
 from farmesh import petals_compat
 from farmesh.pricing import Work
+from farmesh.sampling import StopMatcher, TokenSampler
 
 if TYPE_CHECKING:
     from petals.client.inference_session import InferenceSession, _ServerInferenceSession
     from petals.data_structures import RemoteSpanInfo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from schemas.events import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -102,21 +106,39 @@ class MeshClient:
         self.model = model
         self.tokenizer = tokenizer
 
-    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken) -> GenerationResult:
-        """Greedy decoding through one inference session; `on_token(index, token_id, text_delta)` per token."""
+    def generate_stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        on_token: OnToken,
+        sampling: Sampling | None = None,
+        seed_key: str = "",
+    ) -> GenerationResult:
+        """Generate through one inference session; `on_token(index, token_id, text_delta)` once per token.
+
+        Greedy without `sampling` (or with temperature 0); otherwise sampled with the generator seeded by
+        farmesh.sampling.seed_for(seed_key, sampling.seed): the same request id (`seed_key`) and seed give the
+        same tokens. `text_delta` is the text that token makes safe to show: "" while text that could start one
+        of `sampling.stop` is held back. The token that completes a stop sequence is still delivered (with the
+        text before the stop sequence) and ends generation with finish_reason "stop"; `text` then ends before the
+        stop sequence. The deltas delivered always concatenate to the result's `text`.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         prompt_tokens = input_ids.shape[1]
         if prompt_tokens == 0:
             raise ValueError("the prompt encodes to no tokens")
+        sampler = TokenSampler.for_request(sampling, seed_key)
+        stops = StopMatcher(sampling.stop if sampling is not None else ())
 
         server_sessions: list[_ServerInferenceSession] = []
         delivered: list[int] = []
+        shown: list[str] = []  # the text deltas of the delivered tokens
 
         def result(finish_reason: FinishReason) -> GenerationResult:
-            text = self.tokenizer.decode(delivered, skip_special_tokens=True)
-            return GenerationResult(prompt_tokens, list(delivered), text, finish_reason, _span_work(server_sessions))
+            return GenerationResult(prompt_tokens, list(delivered), "".join(shown), finish_reason,
+                                    _span_work(server_sessions))
 
         stream = _TextStream(self.tokenizer)
         eos_token_id = self.tokenizer.eos_token_id
@@ -130,11 +152,16 @@ class MeshClient:
                 # the attention caches. The last token produced is never fed.
                 step_inputs = input_ids
                 for index in range(max_new_tokens):
-                    token_id = self._next_token(session, step_inputs)
+                    token_id = sampler(self._next_logits(session, step_inputs))
                     is_eos = token_id == eos_token_id
-                    on_token(index, token_id, stream.push(token_id, final=is_eos or index == max_new_tokens - 1))
+                    last = is_eos or index == max_new_tokens - 1
+                    delta = stops.push(stream.push(token_id, final=last))
+                    if last and not stops.stopped:
+                        delta += stops.flush()
+                    on_token(index, token_id, delta)
                     delivered.append(token_id)
-                    if is_eos:
+                    shown.append(delta)
+                    if is_eos or stops.stopped:
                         finish_reason = "stop"
                         break
                     step_inputs = torch.tensor([[token_id]])
@@ -142,12 +169,15 @@ class MeshClient:
             raise GenerationError(f"generation failed after {len(delivered)} tokens: {exc!r}", result("error")) from exc
         return result(finish_reason)
 
-    def _next_token(self, session: InferenceSession, input_ids: torch.Tensor) -> int:
-        # The same computation as transformers' LlamaForCausalLM + greedy search, with the blocks remote;
-        # norm and head are per-position, so applying them to the last position only gives the same logits.
+    def _next_logits(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """The next-token logits (shape [vocab]) after feeding `input_ids` to the session.
+
+        The same computation as transformers' LlamaForCausalLM with the blocks remote; norm and head are
+        per-position, so applying them to the last position only gives the same logits.
+        """
         hidden = session.step(self.model.get_input_embeddings()(input_ids))
         logits = self.model.lm_head(self.model.transformer.ln_f(hidden[:, -1:]))
-        return int(logits[0, -1].argmax())
+        return logits[0, -1]
 
     def full_route_available(self, timeout: float = 5.0) -> bool:
         """Whether live ONLINE servers currently cover every block; answers within about 2 * timeout."""

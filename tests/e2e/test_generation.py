@@ -13,7 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from farmesh.generation import GenerationError, MeshClient, _TextStream, load_client
-from tests.support.reference import greedy_ids
+from schemas.events import Sampling
+from tests.support.reference import greedy_ids, sampled_ids
 
 if TYPE_CHECKING:
     from conftest import Swarm
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 PROMPT = "Hello mesh, café ☃ — what comes next?"
 MAX_NEW_TOKENS = 24
+SAMPLED = Sampling(temperature=0.8, top_p=0.9, top_k=20, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,51 @@ def test_stream_matches_transformers_greedy_and_records_spans(swarm: Swarm, clie
         (2, 4, processed),
     ]
     assert {s.peer_id for s in result.spans} == set(swarm.node_peer_ids)
+
+
+def test_sampled_stream_matches_transformers_and_repeats_per_request(swarm: Swarm, client: MeshClient) -> None:
+    calls: list[tuple[int, int, str]] = []
+    result = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *call: calls.append(call), sampling=SAMPLED,
+                                    seed_key="sampled-001")
+
+    expected_ids = sampled_ids(swarm.model_dir, PROMPT, MAX_NEW_TOKENS, SAMPLED, "sampled-001")
+    print(f"\nsampled: {result.text!r}")
+    assert result.token_ids == expected_ids
+    assert expected_ids != greedy_ids(swarm.model_dir, PROMPT, MAX_NEW_TOKENS)  # really sampled
+    assert result.text == client.tokenizer.decode(expected_ids, skip_special_tokens=True)
+    assert [(index, token_id) for index, token_id, _ in calls] == list(enumerate(expected_ids))
+    assert "".join(delta for _, _, delta in calls) == result.text
+
+    # A redelivered request (same id, same seed) regenerates exactly the same tokens; another id does not.
+    again = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *_: None, sampling=SAMPLED, seed_key="sampled-001")
+    assert (again.token_ids, again.text, again.finish_reason) == (result.token_ids, result.text, result.finish_reason)
+    other = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *_: None, sampling=SAMPLED, seed_key="sampled-002")
+    assert other.token_ids != result.token_ids
+
+
+def test_stop_sequence_cuts_the_greedy_text_before_it(client: MeshClient) -> None:
+    greedy = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *_: None)
+    assert len(greedy.text) >= 8, greedy.text
+    # A stop sequence from the middle of the greedy text: generation must end at its first occurrence.
+    middle = len(greedy.text) // 2
+    stop = greedy.text[middle:middle + 4]
+    expected_text = greedy.text[:greedy.text.index(stop)]
+    print(f"\nstop {stop!r} in {greedy.text!r}")
+    # The tokens up to the one whose text completes the stop sequence.
+    decode = client.tokenizer.decode
+    completing = next(n for n in range(1, len(greedy.token_ids) + 1)
+                      if stop in decode(greedy.token_ids[:n], skip_special_tokens=True))
+
+    calls: list[tuple[int, int, str]] = []
+    result = client.generate_stream(PROMPT, MAX_NEW_TOKENS, lambda *call: calls.append(call),
+                                    sampling=Sampling(stop=[stop, "never in this text \u2603\u2603"]),
+                                    seed_key="stop-001")
+    assert (result.finish_reason, result.text) == ("stop", expected_text)
+    assert result.token_ids == greedy.token_ids[:completing]
+    assert [(index, token_id) for index, token_id, _ in calls] == list(enumerate(result.token_ids))
+    assert "".join(delta for _, _, delta in calls) == result.text
+    # The token completing the stop sequence was computed and delivered: the work record counts it.
+    assert [s.tokens_processed for s in result.spans] == [result.prompt_tokens + completing - 1] * 2
 
 
 def test_eos_stops_generation(client: MeshClient, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,7 +101,8 @@ class ScriptedGenerator:
 
     calls: list[str] = field(default_factory=list)
 
-    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: Any) -> ScriptedResult:
+    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: Any, sampling: Any = None,
+                        seed_key: str = "") -> ScriptedResult:
         self.calls.append(prompt)
         i = int(prompt.split()[-1]) if prompt.split()[-1].isdigit() else len(prompt)
         n = min(1 + i % 7, max_new_tokens)
