@@ -57,7 +57,7 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     )
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
-    worker.register(broker, client, settings.model_name, registry)
+    worker.register(broker, client, settings.model_name, registry, concurrency=settings.worker_concurrency)
     # Prefer routes through the nodes the registry knows as online (they are the ones that get paid).
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) if settings.database_url else None
     preferring = None
@@ -79,15 +79,31 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
             await pool.close()
 
 
+def _background(*jobs: Callable[[], Awaitable[None]]) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    """(start, stop) app hooks that run `jobs` as tasks while the service runs."""
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        tasks.extend(asyncio.create_task(job()) for job in jobs)
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+
+    return start, stop
+
+
 async def _run_database_consumer(settings: Settings, host: str, port: int, group: str, topic: str,
-                                 register: Callable[..., object]) -> None:
+                                 register: Callable[..., Sequence[Callable[[], Awaitable[None]]] | None]) -> None:
+    """Serve a consumer group that writes to PostgreSQL; `register` may return background jobs to run with it."""
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
     try:
         registry = CollectorRegistry()
         broker = messaging.create_broker(settings.kafka_bootstrap, group, registry)
-        register(broker, pool, registry)
-        await _serve(_consumer_app(broker, registry, settings, group, topic), host, port, group)
+        start, stop = _background(*(register(broker, pool, registry) or ()))
+        app = _consumer_app(broker, registry, settings, group, topic, after_startup=[start], on_shutdown=[stop])
+        await _serve(app, host, port, group)
     finally:
         await pool.close()
 
@@ -99,9 +115,18 @@ async def run_ledger(settings: Settings, host: str, port: int) -> None:
 
 
 async def run_payments(settings: Settings, host: str, port: int) -> None:
+    """The payments group, and the weekly batch close on its schedule (consumers/payments/schedule.py)."""
     from consumers.payments import consumer
+    from consumers.payments.schedule import WeeklyClose
+    from farmesh import money
 
-    await _run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, consumer.register)
+    def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
+        consumer.register(broker, pool, registry)
+        closer = WeeklyClose(broker, pool, registry, grace=settings.payments_close_grace,
+                             min_payout=money.to_base_units(settings.min_payout))
+        return [closer.run]
+
+    await _run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, register)
 
 
 async def run_registry(settings: Settings, host: str, port: int) -> None:
@@ -114,15 +139,7 @@ async def run_registry(settings: Settings, host: str, port: int) -> None:
         broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_REGISTRY, registry)
         metrics = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
         sweeper = consumer.Sweeper(broker, pool, settings.node_timeout, metrics=metrics)
-        tasks: list[asyncio.Task] = []
-
-        async def start_sweeping() -> None:
-            tasks.append(asyncio.create_task(sweeper.run()))
-
-        async def stop_sweeping() -> None:
-            for task in tasks:
-                task.cancel()
-
+        start_sweeping, stop_sweeping = _background(sweeper.run)
         app = _consumer_app(broker, registry, settings, topics.GROUP_REGISTRY, topics.HEARTBEATS.name,
                             after_startup=[start_sweeping], on_shutdown=[stop_sweeping])
         await _serve(app, host, port, "registry")

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     platform_fee: Decimal = Decimal(0)
     # Weekly payouts below this (FAR per wallet) carry over to the next batch.
     min_payout: Decimal = Decimal(0)
+    # `farmesh payments` closes each ISO week's batch this many seconds after the week ended (late work of the
+    # week is paid by the next batch).
+    payments_close_grace: float = Field(default=3600.0, ge=0)
     topic_partitions: int = 6
     data_dir: Path = Path(".farmesh")
     gateway_host: str = "127.0.0.1"

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import click
-from prometheus_client import CollectorRegistry, Counter, Histogram, write_to_textfile
+from prometheus_client import CollectorRegistry, write_to_textfile
 
 from consumers.payments import repository
 from farmesh import messaging, money
@@ -63,26 +63,20 @@ def payments_group(ctx: click.Context, settings: Settings, metrics_host: str, me
 
 
 async def _close(settings: Settings, week: str, min_payout: int, textfile: str | None) -> repository.Closed:
-    conn = await asyncpg.connect(settings.require_database_url())
-    try:
-        closed = await repository.close_week(conn, week, min_payout)
-    finally:
-        await conn.close()
-    # After the database commit: at least once (closing again republishes the same event id).
+    from consumers.payments.schedule import CloseMetrics, close_and_publish
+
     await messaging.ensure_topics(settings.kafka_bootstrap, [(topics.PAYMENTS.name, settings.topic_partitions)])
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, "payments-close", registry)
-    await broker.connect()
+    conn = await asyncpg.connect(settings.require_database_url())
     try:
-        await messaging.publish(broker, topics.PAYMENTS.name, closed.event, week)
+        await broker.connect()
+        closed = await close_and_publish(conn, broker, week, min_payout)
     finally:
+        await conn.close()
         await broker.stop()
     if textfile:  # a batch job's metrics, for node_exporter's textfile collector
-        duration = Histogram("farmesh_payments_batch_close_seconds", "Time to close a weekly batch", registry=registry)
-        lines = Counter("farmesh_payments_batch_lines", "Lines written by the last close", registry=registry)
-        if closed.created:
-            duration.observe(closed.seconds)
-            lines.inc(len(closed.event.lines))
+        CloseMetrics(registry).closed(closed)
         write_to_textfile(textfile, registry)
     return closed
 

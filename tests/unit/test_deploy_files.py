@@ -25,20 +25,21 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "compose.yaml"
 DOCKERFILE_PATH = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS_PATH = ROOT / "deploy" / "prometheus.yml"
+GRAFANA_PATH = ROOT / "deploy" / "grafana"
 DOCKERIGNORE_PATH = ROOT / ".dockerignore"
 MAKEFILE_PATH = ROOT / "Makefile"
 
 EXPECTED_SERVICES = {
     "kafka", "postgres", "migrate", "model", "swarm-identity", "swarm", "dht", "node1", "node2", "node-gpu",
-    "worker", "ledger", "payments", "registry", "gateway", "prometheus",
+    "worker", "ledger", "payments", "registry", "gateway", "prometheus", "grafana",
 }
 # Services of the farmesh image that do not run `farmesh`, and why.
 HELPER_SERVICES = {
     "swarm-identity": "writes the DHT identity and its multiaddr; `farmesh` has no command for that yet",
     "swarm": "pause container holding the network namespace the swarm's processes share",
 }
-# Variables of third-party images (apache/kafka, postgres) that compose.yaml may set or interpolate.
-IMAGE_VAR_PREFIXES = ("KAFKA_", "POSTGRES_")
+# Variables of third-party images (apache/kafka, postgres, grafana) that compose.yaml may set or interpolate.
+IMAGE_VAR_PREFIXES = ("KAFKA_", "POSTGRES_", "GF_")
 IMAGE_VARS = {"CLUSTER_ID"}
 # What the brief promises every farmesh service gets from the shared x-farmesh-env anchor.
 REQUIRED_SHARED_ENV = {
@@ -521,6 +522,49 @@ def test_prometheus_scrapes_every_metrics_endpoint(compose: dict, services: dict
     assert set(scraped) == set(endpoints.values()), "every /metrics endpoint needs a scrape job"
     for service, job in scraped.items():
         assert job == service, f"job {job} should be named after the service it scrapes ({service})"
+
+
+def bind_mounts(service: dict) -> list[tuple[str, str, str]]:
+    """(host path, container path, options) of each bind mount (short syntax, source ./ or /)."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *options = str(volume).split(":")
+        if source.startswith((".", "/")):
+            mounts.append((source, target, ",".join(options)))
+    return mounts
+
+
+def test_bind_mounts_point_at_files_of_the_repository(services: dict) -> None:
+    for name, service in services.items():
+        for source, target, _ in bind_mounts(service):
+            assert source.startswith("./"), f"{name}: {source} is not inside the repository"
+            assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_grafana_is_provisioned_from_deploy(services: dict) -> None:
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    mounts = {target: (ROOT / source, options) for source, target, options in bind_mounts(grafana)}
+    # Provisioning: the whole deploy/grafana/provisioning tree (datasources/, dashboards/), read-only.
+    provisioning, options = mounts["/etc/grafana/provisioning"]
+    assert provisioning == GRAFANA_PATH / "provisioning" and "ro" in options
+    # The dashboard JSON lands in the directory the dashboard provider loads.
+    (provider_file,) = (provisioning / "dashboards").glob("*.yaml")
+    (provider,) = yaml.safe_load(provider_file.read_text())["providers"]
+    dashboards = [(path, options) for target, (path, options) in mounts.items()
+                  if target.startswith(provider["options"]["path"].rstrip("/") + "/")]
+    assert [p for p, _ in dashboards] == sorted(GRAFANA_PATH.glob("*.json")), "every dashboard JSON, mounted"
+    assert all("ro" in o for _, o in dashboards) and all(p.suffix == ".json" for p, _ in dashboards)
+    # The datasource is the compose service `prometheus`, on the port Prometheus listens on in its container.
+    (datasource_file,) = (provisioning / "datasources").glob("*.yaml")
+    (datasource,) = yaml.safe_load(datasource_file.read_text())["datasources"]
+    url = re.fullmatch(r"http://([\w.-]+):(\d+)/?", datasource["url"])
+    assert url and url[1] == "prometheus" and url[1] in services, datasource["url"]
+    assert int(url[2]) in {target for _, _, target in published_ports(services["prometheus"])}
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_started"
+    # Grafana's state on a named volume; its UI on the host's loopback only.
+    assert any(str(v).startswith("grafana-data:/var/lib/grafana") for v in grafana["volumes"])
+    assert [(host, target) for host, _, target in published_ports(grafana)] == [(LOOPBACK, 3000)]
 
 
 def test_dockerfile_installs_like_the_makefile() -> None:

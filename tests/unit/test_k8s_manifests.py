@@ -962,6 +962,11 @@ def test_dashboard_covers_the_operators_questions(dashboard: dict) -> None:
     assert uses("farmesh_gateway_tokens_streamed_total", "rate(")                 # tokens/s
     assert uses("farmesh_worker_tokens_total", "rate(")
     assert uses("farmesh_node_tokens_total", "peer_id")                           # per-node tokens
+    assert uses("farmesh_node_settled_tokens_total", "peer_id")                   # ... that the ledger settled
+    assert uses("farmesh_node_earnings_far_total", "peer_id")                     # per-node earnings
+    assert uses("farmesh_payments_batch_close_seconds_bucket", "histogram_quantile(")  # batch close duration
+    assert uses("farmesh_payments_last_closed_week_end_timestamp_seconds", "time()")   # a close is overdue
+    assert uses("farmesh_payments_batch_close_failures_total")
     assert uses("farmesh_worker_sessions_total", "status")                        # sessions by status
     assert uses("farmesh_ledger_sessions_recorded_total") and uses("farmesh_ledger_duplicate_outcomes_total")
     assert uses("farmesh_dead_letters_total")
