@@ -266,32 +266,104 @@ async def authenticate(conn: asyncpg.Connection | asyncpg.Pool, authorization: s
     return Client(row["account_id"], row["name"], row["key_id"], row["prefix"])
 
 
-async def reserve(pool: asyncpg.Pool, authorization: str | None, request_id: str, model: str, max_tokens: int,
-                  price: Decimal, fee_rate: Decimal) -> tuple[Client, int]:
+@dataclass(frozen=True)
+class Existing:
+    """The reservation a repeated request id (same account, same parameters) already made."""
+
+    request_id: str
+    status: str  # open | settled | released
+    reply_topic: str | None
+    deadline: datetime | None
+
+
+class AlreadyRequested(AccountError):
+    """The same account already asked this (request id and parameters): answer with that request's result."""
+
+    def __init__(self, existing: Existing) -> None:
+        super().__init__(f"request_id {existing.request_id!r} was already accepted ({existing.status})")
+        self.existing = existing
+
+
+class ParametersDiffer(AccountError):
+    """A request id (Idempotency-Key) reused by the same account for a different request (HTTP 422)."""
+
+
+class QueueFull(AccountError):
+    """The model already has as many pending requests as allowed (HTTP 429, retry later)."""
+
+    def __init__(self, model: str, pending: int, retry_after: int) -> None:
+        super().__init__(f"model {model!r} has {pending} pending requests, the most it queues; "
+                         f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What reserve() needs besides the key: one request's identity, price, bounds and reply route."""
+
+    request_id: str
+    model: str
+    max_tokens: int
+    price: Decimal
+    fee_rate: Decimal
+    request_hash: str | None = None  # sha256 of the parameters (None: not checked)
+    deadline: datetime | None = None  # a request not started by then is never run; after it, not pending
+    reply_topic: str | None = None
+    max_pending: int | None = None  # per model, over every gateway (None: unbounded)
+    retry_after: int = 1
+
+
+_EXISTING = """
+SELECT r.request_id, r.account_id, r.status, r.request_hash, r.reply_topic, r.deadline
+FROM far_reservations r WHERE r.request_id = $1
+"""
+
+# Requests of a model accepted and not settled yet whose deadline has not passed (queued or running).
+_PENDING = "SELECT count(*) FROM far_reservations WHERE model = $1 AND status = 'open' AND deadline > now()"
+
+
+async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reservation) -> tuple[Client, int]:
     """Authenticate and hold max_tokens x price on the client's account, keyed by request_id.
 
     One transaction with the account row locked, so concurrent requests of one account (on any number of
-    gateways) cannot together spend more than it has. Returns the client and the amount held.
+    gateways) cannot together spend more than it has; the model's pending requests are counted under a
+    per-model advisory lock, so all gateways together queue at most max_pending. A request id the same
+    account already used with the same parameters raises AlreadyRequested (nothing is held twice).
+    Returns the client and the amount held.
     """
-    amount = pricing.reservation_amount(max_tokens, money.to_base_units(price))
+    amount = pricing.reservation_amount(request.max_tokens, money.to_base_units(request.price))
     async with pool.acquire() as conn, conn.transaction():
         client = await authenticate(conn, authorization)
         await conn.execute("SELECT 1 FROM far_accounts WHERE account_id = $1 FOR NO KEY UPDATE", client.account_id)
-        if await conn.fetchval(
-                "SELECT 1 FROM far_reservations WHERE request_id = $1 UNION ALL "
-                "SELECT 1 FROM far_mesh_sessions WHERE request_id = $1 LIMIT 1", request_id):
-            raise DuplicateRequest(f"request_id {request_id!r} was already used")
+        if (row := await conn.fetchrow(_EXISTING, request.request_id)) is not None:
+            _raise_for_existing(row, client, request)
+        if await conn.fetchval("SELECT 1 FROM far_mesh_sessions WHERE request_id = $1", request.request_id):
+            raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
+        if request.max_pending is not None:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('farmesh-pending:' || $1))", request.model)
+            if (pending := await conn.fetchval(_PENDING, request.model)) >= request.max_pending:
+                raise QueueFull(request.model, pending, request.retry_after)
         have, reserved = await balance(conn, client.account_id)
         if have - reserved < amount:
             raise InsufficientFunds(amount, max(have - reserved, 0))
         inserted = await conn.fetchval(
             """INSERT INTO far_reservations (request_id, account_id, key_id, model, max_tokens, price_per_token,
-                   platform_fee_rate, amount)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
-            request_id, client.account_id, client.key_id, model, max_tokens, price, fee_rate, money.to_far(amount))
-        if inserted is None:
-            raise DuplicateRequest(f"request_id {request_id!r} was already used")
+                   platform_fee_rate, amount, request_hash, deadline, reply_topic)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
+            request.request_id, client.account_id, client.key_id, request.model, request.max_tokens, request.price,
+            request.fee_rate, money.to_far(amount), request.request_hash, request.deadline, request.reply_topic)
+        if inserted is None:  # another account's request took the id since _EXISTING (same account: row lock)
+            raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
     return client, amount
+
+
+def _raise_for_existing(row: asyncpg.Record, client: Client, request: Reservation) -> None:
+    if row["account_id"] != client.account_id:  # say nothing about another account's request
+        raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
+    if row["request_hash"] and request.request_hash and row["request_hash"] != request.request_hash:
+        raise ParametersDiffer(f"request_id {request.request_id!r} was already used for a request with other "
+                               "parameters; use a new request_id / Idempotency-Key")
+    raise AlreadyRequested(Existing(row["request_id"], row["status"], row["reply_topic"], row["deadline"]))
 
 
 async def release(conn: asyncpg.Connection | asyncpg.Pool, request_id: str, reason: str) -> bool:

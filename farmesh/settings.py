@@ -4,6 +4,8 @@ CLI flags override individual fields (see farmesh.cli); every service gets the s
 """
 from __future__ import annotations
 
+import re
+import socket
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
@@ -56,6 +58,19 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300)
     # Inference worker: seconds between refreshes of the registry's online nodes it prefers to route through.
     route_refresh: float = Field(default=5.0, gt=0)
+    # Generations one inference worker runs at once (each takes one partition of the requests topic, so
+    # all workers together run at most topic_partitions at once).
+    worker_concurrency: int = Field(default=3, ge=1, le=64)
+    # Gateway: its id names its own reply topic (farmesh.inference.replies.<id>); unset, host and port.
+    gateway_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+    # Requests of one model accepted (over every gateway) and not finished yet: beyond this, 429.
+    max_pending_requests: int = Field(default=64, ge=1)
+    # Seconds a client is told to wait (Retry-After) when the model's queue is full.
+    retry_after: int = Field(default=2, ge=1, le=3600)
+    # A request not started by a worker this many seconds after it was accepted is never run (expired,
+    # charged nothing); clients may ask for less or more, up to max_request_deadline.
+    request_deadline: float = Field(default=120.0, gt=0)
+    max_request_deadline: float = Field(default=3600.0, gt=0)
 
     @field_validator("initial_peers", mode="before")
     @classmethod
@@ -117,6 +132,14 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.dht_prefix
+
+    @property
+    def gateway_name(self) -> str:
+        """This gateway's id: settings.gateway_id, else <host>-<port> (stable over restarts)."""
+        if self.gateway_id:
+            return self.gateway_id
+        host = re.sub(r"[^A-Za-z0-9.\-]", "-", socket.gethostname()).strip("-.") or "gateway"
+        return f"{host[:80]}-{self.gateway_port}"
 
     @property
     def price_base_units(self) -> int:

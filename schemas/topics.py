@@ -29,7 +29,9 @@ CONTROL = Topic(
 )
 REPLIES = Topic(
     "farmesh.inference.replies", "request_id", (events.TokenChunk, events.StreamEnded),
-    "Tokens streamed back to the gateway that asked (the request names its reply topic).",
+    "Tokens streamed back to the gateway that asked. Each gateway instance has its own reply topic, "
+    "farmesh.inference.replies.<gateway id> (reply_topic()), named in every request it publishes, and is "
+    "its only reader: any number of gateways and workers run at once and each stream reaches its client.",
 )
 SESSIONS = Topic(
     "farmesh.sessions", "request_id",
@@ -49,6 +51,12 @@ DEAD_LETTER = Topic(
     "farmesh.deadletter", "original key", (events.DeadLetter,),
     "Records a consumer rejected, with the reason; nothing is dropped silently.",
 )
+
+
+def reply_topic(gateway_id: str) -> str:
+    """The reply topic of the gateway instance `gateway_id` (created by that gateway when it starts)."""
+    return f"{REPLIES.name}.{gateway_id}"
+
 
 ALL: tuple[Topic, ...] = (REQUESTS, CONTROL, REPLIES, SESSIONS, HEARTBEATS, PAYMENTS, DEAD_LETTER)
 

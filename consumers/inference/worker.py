@@ -6,7 +6,13 @@ NodeContribution event per (node, block span), then closes the reply stream with
 The offset is committed only after all of that was published; a worker that dies mid-generation
 leaves the request to be redelivered (the ledger ignores a second outcome for the same session).
 A request cancelled on farmesh.inference.control (its client went away) stops before its next token
-and ends as failed: only the tokens delivered until then are charged.
+and ends as cancelled: only the tokens delivered until then are charged. A request picked up after its
+deadline is not run: it ends as expired and is charged nothing.
+
+Concurrency: `concurrency` consumers of the group run in one worker process, each with its own partitions of
+the requests topic and one generation at a time, committing its offsets only after the request's outcome is
+published (FastStream's partition-concurrent subscriber). Sampling is seeded by the request id, so a request
+redelivered after a crash regenerates exactly the tokens its client already received.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 from uuid import uuid4
 
 from faststream.kafka import KafkaBroker
@@ -31,6 +37,7 @@ from schemas.events import (
     InferenceFailed,
     InferenceRequested,
     NodeContribution,
+    Sampling,
     SessionOutcome,
     StreamEnded,
     TokenChunk,
@@ -54,7 +61,8 @@ class Generated(Protocol):
 class Generator(Protocol):
     """What the worker needs from the Petals client (farmesh.generation.MeshClient)."""
 
-    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken) -> Generated: ...
+    def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken, sampling: Sampling | None = None,
+                        seed_key: str = "") -> Generated: ...
 
 
 class Metrics:
@@ -72,7 +80,8 @@ def _now() -> datetime:
 
 def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, completion: str,
            spans: Sequence[Work], started_at: datetime, worker: str,
-           finish_reason: str | None, error: str | None) -> tuple[SessionOutcome, list[NodeContribution]]:
+           finish_reason: str | None, error: str | None,
+           reason: Literal["error", "cancelled", "expired"] = "error") -> tuple[SessionOutcome, list[NodeContribution]]:
     """The session outcome and its contribution events; the money is computed here, exactly.
 
     The client's account (from the request) is debited delivered x price; the platform fee and the
@@ -97,7 +106,7 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
     if error is None:
         outcome = InferenceCompleted(finish_reason=finish_reason or "length", **common)
     else:
-        outcome = InferenceFailed(error=error, **common)
+        outcome = InferenceFailed(error=error, reason=reason, **common)
     events = [
         NodeContribution(event_id=c.contribution_id, request_id=request.request_id, session_event_id=outcome.event_id,
                          model=request.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
@@ -109,6 +118,10 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
 
 class RequestCancelled(RuntimeError):
     """The request was cancelled (inference.cancelled): generation stops before the next token."""
+
+
+class RequestExpired(RuntimeError):
+    """The request was picked up after its deadline: it is not run."""
 
 
 class Cancellations:
@@ -161,7 +174,7 @@ class TokenRelay:
 
 
 def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
-             worker_name: str | None = None) -> None:
+             worker_name: str | None = None, concurrency: int = 1) -> None:
     worker = worker_name or default_source()
     metrics = Metrics(registry)
     cancellations = Cancellations()
@@ -176,24 +189,33 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
     @broker.subscriber(
         topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=20,
-        title="inference", description="Runs a generation request on the Petals swarm",
+        max_workers=concurrency, title="inference", description="Runs a generation request on the Petals swarm",
     )
     async def run_inference(request: InferenceRequested) -> None:
         loop = asyncio.get_running_loop()
         started_at, t0 = _now(), loop.time()
         relay = TokenRelay(broker, request, loop, cancellations)
         error: str | None = None
+        ended_as: Literal["error", "cancelled", "expired"] = "error"
         result: Generated | None = None
         try:
             if (reason := cancellations.reason(request.request_id)) is not None:
                 raise RequestCancelled(f"cancelled before it started: {reason}")
+            if request.deadline is not None and started_at > request.deadline:
+                raise RequestExpired(f"picked up {(started_at - request.deadline).total_seconds():.1f} s after "
+                                     "its deadline; not run")
             if request.model != model:
                 raise ValueError(f"this worker serves model {model!r}, not {request.model!r}")
-            result = await asyncio.to_thread(generator.generate_stream, request.prompt, request.max_tokens, relay.on_token)
+            result = await asyncio.to_thread(generator.generate_stream, request.prompt, request.max_tokens,
+                                             relay.on_token, sampling=request.sampling, seed_key=request.request_id)
         except Exception as exc:  # the generation broke: settle what was delivered, nothing more
             error = f"{type(exc).__name__}: {exc}"
             result = getattr(exc, "partial", None)
-            log.warning("request %s failed: %s", request.request_id, error)
+            if isinstance(exc, RequestExpired):
+                ended_as = "expired"
+            elif isinstance(exc, RequestCancelled) or isinstance(exc.__cause__, RequestCancelled):
+                ended_as = "cancelled"
+            log.warning("request %s %s: %s", request.request_id, "failed" if ended_as == "error" else ended_as, error)
         finally:
             await relay.close()
 
@@ -201,22 +223,21 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
         prompt_tokens = result.prompt_tokens if result is not None else 0
         outcome, contributions = settle(
             request, relay.delivered, prompt_tokens, relay.text, spans, started_at, worker,
-            result.finish_reason if result is not None and error is None else None, error,
+            result.finish_reason if result is not None and error is None else None, error, ended_as,
         )
         await messaging.publish(broker, topics.SESSIONS.name, outcome, request.request_id)
         for event in contributions:
             await messaging.publish(broker, topics.SESSIONS.name, event, request.request_id)
         ended = StreamEnded(
             request_id=request.request_id,
-            status="completed" if error is None else "failed",
+            status=outcome.status,
             finish_reason=outcome.finish_reason if isinstance(outcome, InferenceCompleted) else "error",
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=relay.delivered, cost_far=outcome.cost_far),
             error=error,
         )
         await messaging.publish(broker, request.reply_topic, ended, request.request_id)
 
-        status = "completed" if error is None else "failed"
-        metrics.sessions.labels(request.model, status).inc()
+        metrics.sessions.labels(request.model, outcome.status).inc()
         metrics.tokens.labels(request.model).inc(relay.delivered)
         metrics.duration.labels(request.model).observe(loop.time() - t0)
         if relay.first_token_at is not None:

@@ -51,8 +51,8 @@ async def test_concurrent_requests_never_hold_more_than_the_balance(db_pool):
 
     async def attempt(i: int) -> str:
         try:
-            await accounts.reserve(db_pool, f"Bearer {issued.key}", f"{issued.prefix}-{i}", "m", 10,
-                                   Decimal("0.0001"), Decimal(0))
+            await accounts.reserve(db_pool, f"Bearer {issued.key}",
+                                   accounts.Reservation(f"{issued.prefix}-{i}", "m", 10, Decimal("0.0001"), Decimal(0)))
             return "held"
         except accounts.InsufficientFunds:
             return "402"
@@ -67,7 +67,8 @@ async def test_demo_key_is_fresh_each_time_and_tops_the_account_up(db_pool):
     name = f"demo-{uuid.uuid4().hex[:6]}"
     async with db_pool.acquire() as conn:
         first = await accounts.ensure_demo_key(conn, name, credit=money.to_base_units(Decimal(2)))
-        await accounts.reserve(db_pool, f"Bearer {first.key}", f"{name}-r", "m", 1000, Decimal("0.001"), Decimal(0))
+        await accounts.reserve(db_pool, f"Bearer {first.key}",
+                               accounts.Reservation(f"{name}-r", "m", 1000, Decimal("0.001"), Decimal(0)))
         second = await accounts.ensure_demo_key(conn, name, credit=money.to_base_units(Decimal(2)))
     assert first.account_id == second.account_id and first.key != second.key
     have, reserved = await accounts.balance(db_pool, first.account_id)

@@ -24,8 +24,9 @@ MODEL = "tiny"
 
 
 @pytest.fixture
-async def mesh(kafka_bootstrap, database_url, db_pool):
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, dht_prefix=MODEL, max_new_tokens=200)
+async def mesh(kafka_bootstrap, database_url, db_pool, tiny_model_dir):
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, dht_prefix=MODEL, max_new_tokens=200,
+                        model=str(tiny_model_dir))
     route = {"ok": True}
 
     async def route_check() -> bool:
@@ -69,9 +70,14 @@ async def test_plan_request_streams_tokens_and_is_recorded(mesh):
     assert session["status"] == "completed" and session["completion"] == "Hello!"
     assert len(session["contributions"]) == 2
     assert sum(Decimal(c["earnings"]) for c in session["contributions"]) == Decimal("0.0003")
-    # the same request id again is refused, never generated or charged twice
+    # the same request again answers with the recorded result: never generated or charged twice
+    status, again = await generate(client, {"prompt": "Hello, how are you?", "max_tokens": 100, "request_id": rid})
+    assert status == 200 and [e for e, _ in again] == ["token", "done"]
+    assert again[0][1]["text"] == "Hello!" and again[0][1]["replayed"] is True
+    assert again[-1][1]["usage"] == done["usage"]
+    # the same id for another request is refused with a clear message
     status, body = await generate(client, {"prompt": "Hello", "max_tokens": 3, "request_id": rid})
-    assert status == 409 and rid in body["detail"]
+    assert status == 422 and body["error"] == "parameters_differ" and rid in body["detail"]
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -79,12 +85,14 @@ async def test_plan_request_streams_tokens_and_is_recorded(mesh):
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 201}, "at most 200"),
     ({"prompt": "hi", "max_tokens": 3, "request_id": "bad id!"}, "request_id"),
-    ({"prompt": "hi", "max_tokens": 3, "temperature": 2}, "temperature"),
+    ({"prompt": "hi", "max_tokens": 3, "temperature": 2.5}, "temperature"),
+    ({"prompt": "hi", "max_tokens": 3, "model": "nope"}, "nope"),
+    ({"prompt": "hi " * 1100, "max_tokens": 3}, "tokens"),
 ])
 async def test_bad_input_is_a_clear_4xx(mesh, body, fragment):
     client, _ = mesh
     r = await client.post("/api/inference/generate", json=body)
-    assert r.status_code == 422 and fragment in r.text
+    assert r.status_code == (404 if "model" in body else 422) and fragment in r.text
 
 
 async def test_unknown_session_is_404(mesh):

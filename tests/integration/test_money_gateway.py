@@ -33,8 +33,9 @@ async def env(tmp_path_factory, postgres_admin_url):
 
 
 @pytest.fixture(scope="module")
-async def gateway(env):
-    settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL)
+async def gateway(env, tiny_model_dir):
+    settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL,
+                        model=str(tiny_model_dir))
     groups = {
         topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r),  # 3 tokens a request
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, env.pool, r),

@@ -36,8 +36,8 @@ async def env(tmp_path_factory, postgres_admin_url):
 
 
 @pytest.fixture(scope="module")
-async def mesh(env):
-    settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL,
+async def mesh(env, tiny_model_dir):
+    settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL, model=str(tiny_model_dir),
                         max_new_tokens=50, model_prices={MODEL: PRICE}, platform_fee=FEE)
     generator = ScriptedGenerator()
     groups = {

@@ -148,7 +148,7 @@ class Env:
 
 @pytest.fixture
 async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url: str,
-              tmp_path: Path) -> AsyncIterator[Env]:
+              tmp_path: Path, tiny_model_dir: Path) -> AsyncIterator[Env]:
     run = uuid.uuid4().hex[:8]
     topic, group, model = f"farmesh.test.heartbeats.{run}", f"registry-test-{run}", f"model-{run}"
     await messaging.ensure_topics(kafka_bootstrap, [(topic, 3), *messaging.mesh_topics(3)])
@@ -159,7 +159,8 @@ async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url:
     await broker.start()
     sweeper = asyncio.create_task(
         registry.Sweeper(broker, pool, TIMEOUT, period=0.2, metrics=metrics, topic=topic).run())
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=empty_database_url, dht_prefix=model)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=empty_database_url, dht_prefix=model,
+                        model=str(tiny_model_dir))
 
     async def route_check() -> bool:
         return True

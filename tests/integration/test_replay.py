@@ -39,8 +39,8 @@ async def requests(env, key: str, run: str, numbers: range) -> None:
     try:
         for i in numbers:
             request_id = f"{run}-{i}"
-            client, _ = await accounts.reserve(env.pool, f"Bearer {key}", request_id, MODEL, 8, Decimal("0.0001"),
-                                               Decimal("0.1"))
+            client, _ = await accounts.reserve(env.pool, f"Bearer {key}", accounts.Reservation(
+                request_id, MODEL, 8, Decimal("0.0001"), Decimal("0.1")))
             event = InferenceRequested(request_id=request_id, model=MODEL, prompt=f"session {i}", max_tokens=8,
                                        price_per_token=Decimal("0.0001"), reply_topic=topics.REPLIES.name,
                                        account_id=client.account_id, platform_fee_rate=Decimal("0.1"))

@@ -139,8 +139,8 @@ def outcome(request_id: str, account_id: uuid.UUID, tokens: int, finished_at: da
 
 async def reserve_for(pool: asyncpg.Pool, key: str, o: SessionOutcome, max_tokens: int | None = None) -> None:
     """The gateway's reservation for an outcome the test publishes itself."""
-    await accounts.reserve(pool, f"Bearer {key}", o.request_id, o.model, max_tokens or max(10, o.completion_tokens),
-                           o.price_per_token, o.platform_fee_rate)
+    await accounts.reserve(pool, f"Bearer {key}", accounts.Reservation(
+        o.request_id, o.model, max_tokens or max(10, o.completion_tokens), o.price_per_token, o.platform_fee_rate))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -49,7 +49,7 @@ class FakeGenerator:
     tokens: list[str] = field(default_factory=lambda: ["Hel", "lo", "!"])
     fail_after: int | None = None
 
-    def generate_stream(self, prompt, max_new_tokens, on_token):
+    def generate_stream(self, prompt, max_new_tokens, on_token, sampling=None, seed_key=""):
         produced = self.tokens[:max_new_tokens]
         emitted = produced if self.fail_after is None else produced[: self.fail_after]
         for i, t in enumerate(emitted):
@@ -157,3 +157,48 @@ async def test_a_request_cancelled_before_it_runs_is_not_generated_nor_charged()
     assert isinstance(outcome, InferenceFailed) and "cancelled" in outcome.error
     assert outcome.completion_tokens == 0 and outcome.cost_far == 0
     assert [e for e in seen["replies"] if isinstance(e, TokenChunk)] == []
+    assert outcome.reason == "cancelled" and outcome.status == "cancelled"
+    assert seen["replies"][-1].status == "cancelled"
+
+
+async def test_a_request_picked_up_after_its_deadline_is_expired_not_run_nor_charged():
+    from datetime import datetime, timedelta, timezone
+
+    calls: list = []
+
+    @dataclass
+    class Recording(FakeGenerator):
+        def generate_stream(self, *args, **kw):
+            calls.append(args)
+            return super().generate_stream(*args, **kw)
+
+    broker, seen = build(Recording())
+    async with TestKafkaBroker(broker) as br:
+        late = request(deadline=datetime.now(timezone.utc) - timedelta(seconds=5))
+        await br.publish(late, topics.REQUESTS.name, key=b"r-1")
+    outcome = seen["sessions"][0]
+    assert isinstance(outcome, InferenceFailed) and outcome.reason == "expired" and outcome.status == "expired"
+    assert outcome.completion_tokens == 0 and outcome.cost_far == 0 and outcome.contributions == []
+    assert calls == [] and seen["replies"][-1].status == "expired"
+
+
+async def test_sampling_and_the_request_id_reach_the_generator():
+    from datetime import datetime, timedelta, timezone
+
+    from schemas.events import Sampling
+
+    got: dict = {}
+
+    @dataclass
+    class Recording(FakeGenerator):
+        def generate_stream(self, prompt, max_new_tokens, on_token, sampling=None, seed_key=""):
+            got.update(sampling=sampling, seed_key=seed_key)
+            return super().generate_stream(prompt, max_new_tokens, on_token)
+
+    sampling = Sampling(temperature=0.7, top_p=0.9, top_k=5, seed=11, stop=["\n"])
+    broker, seen = build(Recording())
+    async with TestKafkaBroker(broker) as br:
+        soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+        await br.publish(request(sampling=sampling, deadline=soon), topics.REQUESTS.name, key=b"r-1")
+    assert got == {"sampling": sampling, "seed_key": "r-1"}
+    assert isinstance(seen["sessions"][0], InferenceCompleted)

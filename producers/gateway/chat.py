@@ -1,0 +1,57 @@
+"""Chat messages -> one prompt.
+
+A model whose tokenizer ships a chat template (tokenizer_config.json "chat_template", Jinja2 as in
+transformers) is prompted with it. Otherwise (the tiny demo model, transformers 4.33) the documented default:
+
+    <system content>            (each system message, then a blank line)
+    User: <content>
+    Assistant: <content>
+    ...
+    Assistant:                  (the model continues from here)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send name, tool fields we do not use
+
+    role: Role
+    content: str = Field(max_length=100_000)
+
+
+_LABELS = {"user": "User", "assistant": "Assistant"}
+
+
+def default_prompt(messages: Sequence[ChatMessage]) -> str:
+    parts: list[str] = []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            parts.append(f"{m.content}\n\n")
+        else:
+            parts.append(f"{_LABELS[m.role]}: {m.content}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def render(messages: Sequence[ChatMessage], tokenizer: Any) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return default_prompt(messages)
+    # Rendered like transformers' apply_chat_template: sandboxed, trimmed blocks, a generation prompt.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=[m.model_dump(include={"role", "content"}) for m in messages], add_generation_prompt=True,
+        bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")

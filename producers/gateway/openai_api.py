@@ -1,0 +1,300 @@
+"""OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models.
+
+The official `openai` SDKs work against it unchanged (base_url = the gateway's /v1, api_key = a farmesh key).
+Streams are OpenAI's SSE chunks ending in `data: [DONE]`, with a usage chunk when stream_options.include_usage
+is set; errors are OpenAI's error JSON. The request id is the Idempotency-Key header when given (a repeated key
+returns the same completion, generated and charged once), else a fresh one; the response id embeds it.
+Extensions beyond OpenAI's parameters: top_k, and the X-Farmesh-Deadline header (seconds to start by).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sse_starlette.sse import EventSourceResponse
+
+from producers.gateway import chat
+from producers.gateway.submit import Ask, Finished, Live, Refused, Submitter
+from schemas.events import Sampling, StreamEnded, TokenChunk
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+                404: "invalid_request_error", 409: "invalid_request_error", 422: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_error", 504: "timeout"}
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def refused_response(refused: Refused) -> JSONResponse:
+    return JSONResponse(error_body(refused.status, refused.message, refused.code, refused.param),
+                        status_code=refused.status, headers=refused.headers)
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    """OpenAI answers a malformed body with 400 and names the first bad parameter."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errors[:5])
+    return JSONResponse(error_body(400, message or "invalid request", "invalid_value", ".".join(where) or None),
+                        status_code=400)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI parameters are ignored, as OpenAI's clients expect
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0, le=100_000, description="Extension: keep the k most likely tokens (0: all)")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences (1-64 characters each)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 choice per request")
+    presence_penalty: float = Field(default=0, ge=0, le=0, description="Not supported (0 only)")
+    frequency_penalty: float = Field(default=0, ge=0, le=0, description="Not supported (0 only)")
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not 1 <= len(s) <= 64 for s in stops):
+            raise ValueError("stop takes at most 4 sequences of 1 to 64 characters")
+        return stops
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                        stop=self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one string)")
+    echo: bool = Field(default=False, description="Not supported (false only)")
+    logprobs: int | None = Field(default=None, le=0, description="Not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) != 1:
+            raise ValueError("give exactly one prompt (batches are not supported)")
+        if not 1 <= len(prompts[0]) <= 100_000:
+            raise ValueError("the prompt must have 1 to 100000 characters")
+        return prompts[0]
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[chat.ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    logprobs: bool = Field(default=False, description="Not supported (false only)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if not any(m.content for m in self.messages):
+            raise ValueError("the messages have no content")
+        return self
+
+
+RouteCheck = Callable[[], Awaitable[bool]]
+
+
+def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
+    api = APIRouter(prefix="/v1", tags=["openai"])
+
+    def request_id(idempotency_key: str | None) -> str:
+        if idempotency_key is None:
+            return uuid.uuid4().hex
+        if not _REQUEST_ID.match(idempotency_key):
+            raise Refused(400, "invalid_value", "Idempotency-Key must be 1-128 characters: letters, digits and . _ : - "
+                          "(starting with a letter or digit)", param="Idempotency-Key")
+        return idempotency_key
+
+    async def run(kind: Literal["chat", "text"], body: _Common, prompt: str, max_tokens: int,
+                  authorization: str | None, idempotency_key: str | None, deadline: float | None) -> Any:
+        try:
+            ask = Ask(request_id(idempotency_key), body.model, prompt, max_tokens, body.sampling(), deadline)
+            answer = await submitter.submit(ask, authorization)
+        except Refused as refused:
+            return refused_response(refused)
+        shape = _Shape(kind, ask.request_id, body.model)
+        if body.stream:
+            return EventSourceResponse(_stream(submitter, answer, shape, body.include_usage), ping=15)
+        if isinstance(answer, Live):
+            text, ended = await _collect(submitter, answer)
+        else:
+            text, ended = answer.completion, _ended(answer)
+        if ended.status != "completed":
+            return JSONResponse(error_body(502, f"generation {ended.status}: {ended.error or 'no result'}",
+                                           ended.status), status_code=502)
+        return shape.whole(text, ended)
+
+    limits = {400: {"description": "invalid parameters (OpenAI error JSON)"},
+              401: {"description": "missing, unknown or revoked API key"},
+              402: {"description": "balance below max_tokens x price"},
+              404: {"description": "unknown model"},
+              409: {"description": "Idempotency-Key used by another account"},
+              422: {"description": "Idempotency-Key reused with other parameters"},
+              429: {"description": "the model's queue is full (Retry-After)"},
+              502: {"description": "the generation failed"}}
+
+    @api.post("/completions", responses=limits)
+    async def completions(body: CompletionRequest, authorization: str | None = Header(default=None),
+                          idempotency_key: str | None = Header(default=None),
+                          x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
+        max_tokens = body.max_tokens or 16  # OpenAI's default for completions
+        return await run("text", body, body.prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
+
+    @api.post("/chat/completions", responses=limits)
+    async def chat_completions(body: ChatCompletionRequest, authorization: str | None = Header(default=None),
+                               idempotency_key: str | None = Header(default=None),
+                               x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
+        prompt = chat.render(body.messages, submitter.tokenizer)
+        max_tokens = body.max_completion_tokens or body.max_tokens or submitter.settings.max_new_tokens
+        return await run("chat", body, prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
+
+    @api.get("/models")
+    async def models() -> dict[str, Any]:
+        """The models the swarm can serve end to end right now (every block online)."""
+        try:
+            servable = await route_check()
+        except Exception:
+            servable = False
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "farmesh"} for m in submitter.models if servable]}
+
+    @api.get("/models/{model_id}", responses={404: {"description": "unknown model"}})
+    async def model(model_id: str) -> Any:
+        if model_id not in submitter.models:
+            return JSONResponse(error_body(404, f"model {model_id!r} does not exist", "model_not_found", "model"),
+                                status_code=404)
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "farmesh"}
+
+    return api
+
+
+class _Shape:
+    """OpenAI's response objects for one request (chat or text completion)."""
+
+    def __init__(self, kind: Literal["chat", "text"], request_id: str, model: str) -> None:
+        self.kind, self.model = kind, model
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
+        self.created = int(time.time())
+
+    def _object(self, stream: bool) -> str:
+        if self.kind == "chat":
+            return "chat.completion.chunk" if stream else "chat.completion"
+        return "text_completion"
+
+    def _head(self, stream: bool) -> dict[str, Any]:
+        return {"id": self.id, "object": self._object(stream), "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(True), "choices": [choice]}
+
+    def usage_chunk(self, ended: StreamEnded) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": usage(ended)}
+
+    def whole(self, text: str, ended: StreamEnded) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": ended.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ended.finish_reason}
+        return {**self._head(False), "choices": [choice], "usage": usage(ended)}
+
+
+def usage(ended: StreamEnded) -> dict[str, int]:
+    u = ended.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def _ended(finished: Finished) -> StreamEnded:
+    finish = finished.finish_reason if finished.finish_reason in ("length", "stop") else "error"
+    return StreamEnded(request_id=finished.request_id, status=finished.status, finish_reason=finish,
+                       usage=finished.usage, error=finished.error)
+
+
+async def _collect(submitter: Submitter, live: Live) -> tuple[str, StreamEnded]:
+    text = []
+    async for event in submitter.follow(live):
+        if isinstance(event, TokenChunk):
+            text.append(event.text)
+        else:
+            return "".join(text), event
+    raise RuntimeError("the reply stream ended without its end event")  # follow() always ends with one
+
+
+async def _stream(submitter: Submitter, answer: Live | Finished, shape: _Shape,
+                  include_usage: bool) -> AsyncIterator[dict[str, str]]:
+    def data(payload: dict[str, Any]) -> dict[str, str]:
+        return {"data": json.dumps(payload)}
+
+    yield data(shape.chunk(None, None, first=True))
+    if isinstance(answer, Finished):  # a repeated request: its recorded completion, in one chunk
+        ended = _ended(answer)
+        if answer.completion:
+            yield data(shape.chunk(answer.completion, None))
+    else:
+        try:
+            ended = None
+            async for event in submitter.follow(answer):
+                if isinstance(event, TokenChunk):
+                    if event.text:
+                        yield data(shape.chunk(event.text, None))
+                else:
+                    ended = event
+        except TimeoutError:
+            yield data(error_body(504, "timed out waiting for the mesh", "timeout"))
+            return
+        assert ended is not None
+    if ended.status != "completed":
+        # OpenAI's clients raise an APIError for an `error` object in the stream.
+        yield data(error_body(502, f"generation {ended.status}: {ended.error or 'no result'}", ended.status))
+        return
+    yield data(shape.chunk(None, ended.finish_reason))
+    if include_usage:
+        yield data(shape.usage_chunk(ended))
+    yield {"data": "[DONE]"}

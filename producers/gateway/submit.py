@@ -1,0 +1,285 @@
+"""What every gateway API does with a generation request, whatever its shape (native or OpenAI).
+
+1. Check it: a model this gateway serves (404), a prompt within max_prompt_tokens and max_tokens within
+   max_new_tokens (400), a deadline within bounds.
+2. Reserve max_tokens x price on the caller's account (farmesh.accounts.reserve): 401 / 402, 429 when the
+   model already has max_pending_requests pending over all gateways, and idempotency: the same account
+   repeating a request id (or Idempotency-Key) with the same parameters gets that request's stream (if this
+   gateway still streams it) or its recorded result; with other parameters, 422; another account's id, 409.
+3. Publish InferenceRequested, naming this gateway's own reply topic, and hand back the live stream.
+A client that goes away before the end cancels the request (when it was the stream's last reader): the
+worker stops before its next token and the ledger charges only the tokens delivered.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+import asyncpg
+from faststream.kafka import KafkaBroker
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from consumers.ledger.repository import fetch_session
+from farmesh import accounts, messaging, money
+from farmesh.settings import Settings
+from producers.gateway.streams import ReplyEvent, ReplyStream, ReplyStreams
+from schemas import topics
+from schemas.events import InferenceCancelled, InferenceRequested, Sampling, StreamEnded, TokenChunk, Usage
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One generation request as every API states it."""
+
+    request_id: str
+    model: str
+    prompt: str
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    deadline_seconds: float | None = None  # None: settings.request_deadline
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the generated tokens: a repeated id must ask for the same thing."""
+        canonical = json.dumps({"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                                "sampling": self.sampling.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Refused(Exception):
+    """A request the gateway does not accept: an HTTP status, a machine code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 native: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+        self.extra = extra or {}
+        self.native = native or code  # the native API's `error` (OpenAI's code unless the native one differs)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A repeated request whose session the ledger has already recorded."""
+
+    request_id: str
+    status: str  # completed | failed | cancelled | expired
+    finish_reason: str
+    completion: str
+    usage: Usage
+    error: str | None
+
+
+@dataclass
+class Live:
+    """A request being generated now; read it with Submitter.follow()."""
+
+    request_id: str
+    stream: ReplyStream
+    started: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("farmesh_gateway_requests_total", "Generation requests", ["outcome"], registry=registry)
+        self.first_token = Histogram("farmesh_gateway_time_to_first_token_seconds", "Request to first streamed token",
+                                     buckets=(.005, .01, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                     registry=registry)
+        self.tokens = Counter("farmesh_gateway_tokens_streamed_total", "Tokens streamed to clients", registry=registry)
+        self.active = Gauge("farmesh_gateway_active_streams", "Open client streams", registry=registry)
+        self.unauthorized = Counter("farmesh_gateway_unauthorized_total", "Requests refused with 401 (API key)",
+                                    registry=registry)
+        self.payment_required = Counter("farmesh_gateway_payment_required_total",
+                                        "Requests refused with 402 (balance below max_tokens x price)", registry=registry)
+        self.rate_limited = Counter("farmesh_gateway_rate_limited_total",
+                                    "Requests refused with 429 (the model's pending requests at their bound)",
+                                    registry=registry)
+
+
+# account error -> HTTP status, OpenAI's error code, the native API's error (also the metrics outcome label)
+_ACCOUNT_ERRORS: list[tuple[type[accounts.AccountError], int, str, str]] = [
+    (accounts.Unauthorized, 401, "invalid_api_key", "unauthorized"),
+    (accounts.InsufficientFunds, 402, "insufficient_quota", "insufficient_funds"),
+    (accounts.QueueFull, 429, "rate_limit_exceeded", "rate_limited"),
+    (accounts.ParametersDiffer, 422, "idempotency_key_reused", "parameters_differ"),
+    (accounts.DuplicateRequest, 409, "duplicate_request_id", "duplicate_request_id"),
+]
+
+
+def refusal(exc: accounts.AccountError) -> tuple[Refused, str]:
+    """The HTTP refusal for an account error, and the native error name (the outcome label it counts under)."""
+    for kind, status, code, outcome in _ACCOUNT_ERRORS:
+        if isinstance(exc, kind):
+            headers: dict[str, str] = {}
+            extra: dict[str, Any] = {}
+            if isinstance(exc, accounts.Unauthorized):
+                headers["WWW-Authenticate"] = 'Bearer realm="farmesh"'
+            elif isinstance(exc, accounts.InsufficientFunds):
+                extra = {"required_far": money.text(money.to_far(exc.required)),
+                         "available_far": money.text(money.to_far(exc.available))}
+            elif isinstance(exc, accounts.QueueFull):
+                headers["Retry-After"] = str(exc.retry_after)
+            param = "request_id" if status in (409, 422) else None
+            return Refused(status, code, str(exc), param=param, headers=headers, extra=extra, native=outcome), outcome
+    return Refused(400, "refused", str(exc)), "refused"
+
+
+class Submitter:
+    def __init__(self, settings: Settings, pool: Callable[[], asyncpg.Pool], broker: KafkaBroker,
+                 streams: ReplyStreams, metrics: Metrics, tokenizer: Tokenizer, reply_topic: str,
+                 stream_timeout: float) -> None:
+        self.settings, self._pool, self.broker, self.streams = settings, pool, broker, streams
+        self.metrics, self.tokenizer, self.reply_topic = metrics, tokenizer, reply_topic
+        self.stream_timeout = stream_timeout
+        self._cancelling: set[asyncio.Task[None]] = set()
+
+    @property
+    def models(self) -> list[str]:
+        return [self.settings.model_name]
+
+    def check(self, ask: Ask) -> int:
+        """Refuse what no worker would run; returns the prompt's token count."""
+        if ask.model not in self.models:
+            raise Refused(404, "model_not_found", f"model {ask.model!r} does not exist here; "
+                          f"this mesh serves {', '.join(map(repr, self.models))} (GET /v1/models)", param="model")
+        if not 1 <= ask.max_tokens <= self.settings.max_new_tokens:
+            raise Refused(400, "invalid_value", f"max_tokens must be at most {self.settings.max_new_tokens} "
+                          f"(and at least 1), got {ask.max_tokens}", param="max_tokens")
+        prompt_tokens = len(self.tokenizer.encode(ask.prompt))
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise Refused(400, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; this mesh takes at "
+                          f"most {self.settings.max_prompt_tokens}", param="prompt")
+        if ask.deadline_seconds is not None and not 0 < ask.deadline_seconds <= self.settings.max_request_deadline:
+            raise Refused(400, "invalid_value", f"the deadline must be between 0 and "
+                          f"{self.settings.max_request_deadline} seconds", param="deadline")
+        return prompt_tokens
+
+    async def submit(self, ask: Ask, authorization: str | None) -> Live | Finished:
+        try:
+            self.check(ask)
+        except Refused:
+            self.metrics.requests.labels("invalid").inc()
+            raise
+        pool = self._pool()
+        price = self.settings.price_for(ask.model)
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=ask.deadline_seconds or self.settings.request_deadline)
+        reservation = accounts.Reservation(
+            ask.request_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
+            request_hash=ask.fingerprint(), deadline=deadline, reply_topic=self.reply_topic,
+            max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
+        try:
+            client, _held = await accounts.reserve(pool, authorization, reservation)
+        except accounts.AlreadyRequested as exc:
+            self.metrics.requests.labels("repeated").inc()
+            return await self._existing(exc.existing)
+        except accounts.AccountError as exc:
+            refused, outcome = refusal(exc)
+            self.metrics.requests.labels(outcome).inc()
+            if refused.status == 401:
+                self.metrics.unauthorized.inc()
+            elif refused.status == 402:
+                self.metrics.payment_required.inc()
+            elif refused.status == 429:
+                self.metrics.rate_limited.inc()
+            raise refused from exc
+        stream = self.streams.open(ask.request_id)
+        request = InferenceRequested(
+            request_id=ask.request_id, model=ask.model, prompt=ask.prompt, max_tokens=ask.max_tokens,
+            price_per_token=price, reply_topic=self.reply_topic, account_id=client.account_id,
+            platform_fee_rate=self.settings.platform_fee, sampling=ask.sampling, deadline=deadline,
+        )
+        try:
+            await messaging.publish(self.broker, topics.REQUESTS.name, request, request.request_id)
+        except Exception as exc:
+            self.streams.close(ask.request_id)
+            self.metrics.requests.labels("broker_error").inc()
+            # Not queued (as far as we know): hold nothing. Should it have reached the log after all, the
+            # ledger still settles its outcome (the debit does not depend on the reservation).
+            await accounts.release(pool, ask.request_id, f"publish failed: {type(exc).__name__}")
+            raise Refused(503, "service_unavailable", "the request could not be queued; retry shortly",
+                          headers={"Retry-After": "1"}) from exc
+        self.metrics.requests.labels("accepted").inc()
+        return Live(ask.request_id, stream)
+
+    async def _existing(self, existing: accounts.Existing) -> Live | Finished:
+        """The answer to a repeated request: its live stream here, else its recorded session."""
+        if (stream := self.streams.get(existing.request_id)) is not None:
+            return Live(existing.request_id, stream)
+        # Streamed by another gateway (or by this one before a restart): wait for the ledger's record.
+        give_up = time.monotonic() + self.stream_timeout
+        if existing.deadline is not None:
+            give_up = max(give_up, time.monotonic() + (existing.deadline - datetime.now(timezone.utc)).total_seconds())
+        while (session := await fetch_session(self._pool(), existing.request_id)) is None:
+            if time.monotonic() > give_up:
+                raise Refused(504, "timeout", f"request {existing.request_id!r} was accepted but has no result yet; "
+                              "retry later", headers={"Retry-After": "5"})
+            await asyncio.sleep(0.25)
+        return Finished(
+            request_id=existing.request_id, status=session["status"],
+            finish_reason=session.get("finish_reason") or "error", completion=session["completion"],
+            usage=Usage(prompt_tokens=session["prompt_tokens"], completion_tokens=session["completion_tokens"],
+                        cost_far=session["cost"]),
+            error=session.get("error"),
+        )
+
+    async def follow(self, live: Live) -> AsyncIterator[ReplyEvent]:
+        """The request's events, first to last; a reader that leaves early as the last one cancels it.
+
+        Raises TimeoutError after stream_timeout seconds without an event (the request is then cancelled).
+        """
+        stream = live.stream
+        stream.readers += 1
+        self.metrics.active.inc()
+        reason = "the client disconnected"
+        try:
+            async for event in stream.follow(self.stream_timeout):
+                if isinstance(event, TokenChunk):
+                    if event.index == 0 and stream.readers == 1:
+                        self.metrics.first_token.observe(time.monotonic() - live.started)
+                    self.metrics.tokens.inc()
+                yield event
+        except TimeoutError:
+            reason = "the gateway stopped waiting for the mesh"
+            raise
+        finally:
+            stream.readers -= 1
+            self.metrics.active.dec()
+            if stream.readers == 0:
+                self.streams.close(stream.request_id)
+                if not stream.ended:
+                    self.cancel(stream.request_id, reason)
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Tell the workers to stop a request nobody reads any more: it is charged only what was delivered."""
+        event = InferenceCancelled(request_id=request_id, reason=reason)
+        task = asyncio.get_running_loop().create_task(messaging.publish(self.broker, topics.CONTROL.name, event,
+                                                                         request_id))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancel_sent)
+
+    def _cancel_sent(self, task: asyncio.Task[None]) -> None:
+        self._cancelling.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # the worker then runs on: at-most-once
+            log.warning("could not publish a cancellation: %r", exc)
+
+    async def drain(self) -> None:
+        """Wait for cancellations still being published (at shutdown)."""
+        if self._cancelling:
+            await asyncio.gather(*self._cancelling, return_exceptions=True)
+
+
+RouteCheck = Callable[[], Awaitable[bool]]
+__all__ = ["Ask", "Finished", "Live", "Metrics", "Refused", "RouteCheck", "StreamEnded", "Submitter", "refusal"]
