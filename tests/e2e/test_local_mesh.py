@@ -1,6 +1,7 @@
 """`farmesh up` and `farmesh demo` as a user runs them: real processes, stopped by pid."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -73,6 +74,7 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
         assert len(rows) == 2 and len({r["peer_id"] for r in rows}) == 2
         assert sum(r["earnings"] for r in rows) == session["cost"] == 100 * session["price_per_token"]
         assert reservation["status"] == "settled" and reservation["charged"] == session["cost"]
+        await _openai_checks(gateway, api_key, database_url, tmp_path / "data" / "tiny-model")
         audit = await farmesh("ledger", "audit", "--database-url", database_url)
         assert audit.exit_code == 0, audit.output
     finally:
@@ -87,6 +89,54 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
     assert up.returncode == 0, err[-3000:]
     assert len(child_pids) >= 6  # broker, dht, 2 nodes, ledger, worker, gateway (PostgreSQL is external here)
     assert leftovers == [], f"processes left running: {leftovers}"
+
+
+async def _openai_checks(gateway: str, api_key: str, database_url: str, model_dir: Path) -> None:
+    """The issue's check: the official openai client (base_url = the gateway, the demo key) streams a chat
+    completion; two concurrent streams don't mix; an aborted stream is charged only its delivered tokens."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from producers.gateway.chat import ChatMessage, default_prompt
+    from tests.support.reference import greedy_ids
+
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=api_key, max_retries=0, timeout=120)
+    model = (await client.models.list()).data[0].id
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.clean_up_tokenization_spaces = False
+
+    async def chat(question: str) -> str:
+        stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                      max_tokens=15, temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    questions = ["What is the mesh?", "Who pays the nodes?"]
+    got = await asyncio.gather(*(chat(q) for q in questions))
+    expected = [tokenizer.decode(greedy_ids(model_dir, default_prompt([ChatMessage(role="user", content=q)]), 15),
+                                 skip_special_tokens=True) for q in questions]
+    assert list(got) == expected
+
+    key = "abort-001"
+    stream = await client.completions.create(model=model, prompt="Tell me a long story", max_tokens=300,
+                                             stream=True, extra_headers={"Idempotency-Key": key})
+    received = ""
+    async for chunk in stream:
+        received += chunk.choices[0].text if chunk.choices else ""
+        if len(received) >= 10:
+            break
+    await stream.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        for _ in range(300):
+            session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", key)
+            if session is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert session is not None and session["status"] == "cancelled"
+    assert 0 < session["completion_tokens"] < 300
+    assert session["cost"] == session["completion_tokens"] * session["price_per_token"]
 
 
 def test_demo_runs_on_embedded_defaults(tmp_path):
