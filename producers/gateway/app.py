@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any, AsyncIterator
 
 import asyncpg
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import Body, FastAPI, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -135,7 +135,13 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
                          409: {"description": "request_id used by another account"},
                          422: {"description": "invalid body, or request_id reused with other parameters"},
                          429: {"description": "the model's queue is full (see Retry-After)"}})
-    async def generate(body: GenerateRequest, authorization: str | None = Header(default=None),
+    async def generate(body: GenerateRequest = Body(openapi_examples={
+                           "plan": {"summary": "the plan's request", "value": {
+                               "prompt": "Hello, how are you?", "max_tokens": 20, "request_id": "test-001"}},
+                           "sampled": {"summary": "sampled, with a stop sequence", "value": {
+                               "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8, "top_p": 0.95,
+                               "top_k": 40, "seed": 3, "stop": ["."], "model": settings.model_name}}}),
+                       authorization: str | None = Header(default=None),
                        idempotency_key: RequestId | None = Header(default=None)) -> Any:
         if body.request_id and idempotency_key and body.request_id != idempotency_key:
             raise HTTPException(422, "request_id and the Idempotency-Key header differ; send one of them")

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Body, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -171,15 +171,31 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
               429: {"description": "the model's queue is full (Retry-After)"},
               502: {"description": "the generation failed"}}
 
+    model = submitter.models[0]
+    text_examples = {"stream": {"summary": "a streamed completion", "value": {
+        "model": model, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.7, "seed": 1,
+        "stream": True, "stream_options": {"include_usage": True}}},
+        "whole": {"summary": "greedy, whole", "value": {"model": model, "prompt": "The mesh", "max_tokens": 8,
+                                                          "temperature": 0, "stop": ["."]}}}
+    chat_examples = {"stream": {"summary": "a streamed chat", "value": {
+        "model": model, "messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "What is Far Mesh?"}],
+        "max_tokens": 16, "stream": True}},
+        "whole": {"summary": "whole, sampled", "value": {
+            "model": model, "messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 8,
+            "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 7}}}
+
     @api.post("/completions", responses=limits)
-    async def completions(body: CompletionRequest, authorization: str | None = Header(default=None),
+    async def completions(body: CompletionRequest = Body(openapi_examples=text_examples),
+                          authorization: str | None = Header(default=None),
                           idempotency_key: str | None = Header(default=None),
                           x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
         max_tokens = body.max_tokens or 16  # OpenAI's default for completions
         return await run("text", body, body.prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 
     @api.post("/chat/completions", responses=limits)
-    async def chat_completions(body: ChatCompletionRequest, authorization: str | None = Header(default=None),
+    async def chat_completions(body: ChatCompletionRequest = Body(openapi_examples=chat_examples),
+                               authorization: str | None = Header(default=None),
                                idempotency_key: str | None = Header(default=None),
                                x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
         prompt = chat.render(body.messages, submitter.tokenizer)
