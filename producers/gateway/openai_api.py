@@ -31,6 +31,10 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: 
                 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
 
 
+# A session that did not complete, as the status of a whole (non-streamed) response.
+_FAILED_STATUS = {"failed": 502, "cancelled": 502, "expired": 504}
+
+
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
@@ -158,8 +162,9 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         else:
             text, ended = answer.completion, _ended(answer)
         if ended.status != "completed":
-            return JSONResponse(error_body(502, f"generation {ended.status}: {ended.error or 'no result'}",
-                                           ended.status), status_code=502)
+            status = _FAILED_STATUS.get(ended.status, 502)
+            return JSONResponse(error_body(status, f"generation {ended.status}: {ended.error or 'no result'}",
+                                           ended.status), status_code=status)
         return shape.whole(text, ended)
 
     limits = {400: {"description": "invalid parameters (OpenAI error JSON)"},
@@ -169,7 +174,8 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
               409: {"description": "Idempotency-Key used by another account"},
               422: {"description": "Idempotency-Key reused with other parameters"},
               429: {"description": "the model's queue is full (Retry-After)"},
-              502: {"description": "the generation failed"}}
+              502: {"description": "the generation failed (charged only the tokens delivered)"},
+              504: {"description": "the request expired: no worker started it before its deadline (not charged)"}}
 
     model = submitter.models[0]
     text_examples = {"stream": {"summary": "a streamed completion", "value": {
@@ -308,7 +314,8 @@ async def _stream(submitter: Submitter, answer: Live | Finished, shape: _Shape,
         assert ended is not None
     if ended.status != "completed":
         # OpenAI's clients raise an APIError for an `error` object in the stream.
-        yield data(error_body(502, f"generation {ended.status}: {ended.error or 'no result'}", ended.status))
+        yield data(error_body(_FAILED_STATUS.get(ended.status, 502), f"generation {ended.status}: "
+                              f"{ended.error or 'no result'}", ended.status))
         return
     yield data(shape.chunk(None, ended.finish_reason))
     if include_usage:

@@ -233,3 +233,22 @@ async def test_a_full_queue_is_429_with_retry_after(env, tiny_model_dir):
         await settled(env)
         again = await mesh.client(1).completions.create(model=MODEL, prompt="c d", max_tokens=2)
         assert again.choices[0].text == "d c "
+
+
+async def test_a_request_no_worker_starts_before_its_deadline_expires_uncharged(env, tiny_model_dir):
+    async with await start(env, tiny_model_dir, gateways=1, workers=1, concurrency=1, delay=0.05) as mesh:
+        busy = await mesh.client().completions.create(model=MODEL, prompt="z " * 40, max_tokens=40, stream=True)
+        await asyncio.sleep(0.3)  # the only generation slot is taken for ~2 s
+        key = f"late-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(openai.APIStatusError) as e:
+            await mesh.client().completions.create(model=MODEL, prompt="too late", max_tokens=5,
+                                                   extra_headers={"Idempotency-Key": key, "X-Farmesh-Deadline": "0.5"})
+        assert e.value.status_code == 504 and e.value.body["code"] == "expired"
+        assert len("".join([c.choices[0].text async for c in busy])) > 0
+        await settled(env)
+        session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", key)
+        reservation = await env.pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", key)
+        assert session["status"] == "expired" and session["completion_tokens"] == 0 and session["cost"] == 0
+        assert reservation["status"] == "released" and reservation["charged"] == 0
+        assert all(key not in g.runs for g in mesh.generators)  # never generated
+        assert await audit_breaks(env.pool) == []
