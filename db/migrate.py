@@ -13,11 +13,12 @@ CLI: ``farmesh db migrate | rollback [--to VERSION | --steps N] [--yes] | status
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
@@ -152,6 +153,30 @@ def _check_unchanged(migrations: Iterable[Migration], applied: dict[int, asyncpg
         )
 
 
+@contextlib.asynccontextmanager
+async def _locked(dsn: str, lock_timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    """A connection holding the migration lock (one migrate/rollback at a time, on any host)."""
+    conn = await _connect(dsn)
+    try:
+        await _lock(conn, lock_timeout)
+        try:
+            yield conn
+        finally:
+            await _unlock(conn)
+    finally:
+        await conn.close()
+
+
+async def _step(conn: asyncpg.Connection, sql: str, bookkeeping: str, args: Sequence[object], failed: str) -> None:
+    """Run one migration's SQL and its version-table change in one transaction; all or nothing."""
+    try:
+        async with conn.transaction():
+            await conn.execute(sql)
+            await conn.execute(bookkeeping, *args)
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(f"{failed}: {type(exc).__name__}: {exc}") from exc
+
+
 async def migrate(
     dsn: str, *, migrations_dir: Path | Traversable | None = None, lock_timeout: float = 120.0
 ) -> list[Migration]:
@@ -160,33 +185,20 @@ async def migrate(
     Returns the migrations applied (empty when the database is up to date).
     """
     migrations = discover(migrations_dir)
-    conn = await _connect(dsn)
-    try:
-        await _lock(conn, lock_timeout)
-        try:
-            await conn.execute(_CREATE_VERSION_TABLE)
-            applied = await _applied(conn)
-            _check_unchanged(migrations, applied)
-            done: list[Migration] = []
-            for migration in migrations:
-                if migration.version in applied:
-                    continue
-                try:
-                    async with conn.transaction():
-                        await conn.execute(migration.up_sql)
-                        await conn.execute(
-                            f"INSERT INTO {VERSION_TABLE} (version, name, checksum) VALUES ($1, $2, $3)",
-                            migration.version, migration.name, migration.checksum,
-                        )
-                except asyncpg.PostgresError as exc:
-                    raise MigrationError(f"migration {migration.label} failed and was rolled back: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-                done.append(migration)
-            return done
-        finally:
-            await _unlock(conn)
-    finally:
-        await conn.close()
+    async with _locked(dsn, lock_timeout) as conn:
+        await conn.execute(_CREATE_VERSION_TABLE)
+        applied = await _applied(conn)
+        _check_unchanged(migrations, applied)
+        done: list[Migration] = []
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            await _step(conn, migration.up_sql,
+                        f"INSERT INTO {VERSION_TABLE} (version, name, checksum) VALUES ($1, $2, $3)",
+                        (migration.version, migration.name, migration.checksum),
+                        f"migration {migration.label} failed and was rolled back")
+            done.append(migration)
+        return done
 
 
 def _select_for_rollback(applied_versions: Iterable[int], to_version: int | None, steps: int | None) -> list[int]:
@@ -216,35 +228,23 @@ async def rollback(
     neither reverts all of them. Returns the migrations reverted.
     """
     by_version = {m.version: m for m in discover(migrations_dir)}
-    conn = await _connect(dsn)
-    try:
-        await _lock(conn, lock_timeout)
-        try:
-            applied = await _applied(conn)
-            targets = _select_for_rollback(applied, to_version, steps)
-            unknown = [v for v in targets if v not in by_version or by_version[v].down_sql is None]
-            if unknown:
-                raise MigrationError(
-                    "no down migration available for applied version(s) "
-                    + ", ".join(f"{v:03d}_{applied[v]['name']}" for v in unknown)
-                )
-            _check_unchanged((by_version[v] for v in targets), applied)
-            done: list[Migration] = []
-            for version in targets:
-                migration = by_version[version]
-                try:
-                    async with conn.transaction():
-                        await conn.execute(migration.down_sql)
-                        await conn.execute(f"DELETE FROM {VERSION_TABLE} WHERE version = $1", version)
-                except asyncpg.PostgresError as exc:
-                    raise MigrationError(f"rollback of {migration.label} failed and was undone: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-                done.append(migration)
-            return done
-        finally:
-            await _unlock(conn)
-    finally:
-        await conn.close()
+    async with _locked(dsn, lock_timeout) as conn:
+        applied = await _applied(conn)
+        targets = _select_for_rollback(applied, to_version, steps)
+        unknown = [v for v in targets if v not in by_version or by_version[v].down_sql is None]
+        if unknown:
+            raise MigrationError(
+                "no down migration available for applied version(s) "
+                + ", ".join(f"{v:03d}_{applied[v]['name']}" for v in unknown)
+            )
+        _check_unchanged((by_version[v] for v in targets), applied)
+        done: list[Migration] = []
+        for version in targets:
+            migration = by_version[version]
+            await _step(conn, migration.down_sql, f"DELETE FROM {VERSION_TABLE} WHERE version = $1", (version,),
+                        f"rollback of {migration.label} failed and was undone")
+            done.append(migration)
+        return done
 
 
 async def status(dsn: str, *, migrations_dir: Path | Traversable | None = None) -> list[MigrationStatus]:
