@@ -123,6 +123,9 @@ async def read_log(bootstrap: str, topic: str, since: datetime | None, positions
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
+            # A finished partition is fetched no more: a fetch of finished partitions alone waits out
+            # fetch_max_wait_ms, and meanwhile nothing else is fetched from that broker.
+            consumer.pause(*(tp for tp in tps if tp not in pending))
             if pending and loop.time() > deadline:
                 raise TimeoutError(f"replay: no progress on {sorted(tp.partition for tp in pending)} in {timeout:.0f} s")
     finally:

@@ -168,35 +168,39 @@ async def close_week(conn: asyncpg.Connection, week: str, min_payout: int, *, no
         await conn.execute(
             "UPDATE far_payment_items i SET wallet = n.wallet FROM far_nodes n "
             "WHERE i.wallet IS NULL AND i.batch_id IS NULL AND n.peer_id = i.peer_id AND n.wallet IS NOT NULL")
-        items = await conn.fetch(
-            "SELECT contribution_id, wallet, amount FROM far_payment_items "
-            "WHERE batch_id IS NULL AND week <= $1 AND amount > 0 AND wallet IS NOT NULL "
-            "ORDER BY contribution_id FOR UPDATE", week)
-        owed: dict[str, list] = defaultdict(lambda: [0, []])
-        for r in items:
-            owed[r["wallet"]][0] += money.to_base_units(r["amount"])
-            owed[r["wallet"]][1].append(r["contribution_id"])
+        # Set-based: one aggregate picks the wallets owed at least the minimum, their lines are inserted, the
+        # open items are assigned to them in one UPDATE, and each line's total is then summed from exactly the
+        # items it got (an item recorded meanwhile is either in a line and its total, or stays open).
+        owed = await conn.fetch(
+            "SELECT wallet, sum(amount) AS amount FROM far_payment_items "
+            "WHERE batch_id IS NULL AND week <= $1 AND amount > 0 AND wallet IS NOT NULL GROUP BY wallet", week)
+        payable = sorted(r["wallet"] for r in owed if money.to_base_units(r["amount"]) >= min_payout)
         total = 0
-        for wallet in sorted(owed):
-            amount, ids = owed[wallet]
-            if amount < min_payout:
-                continue  # carried over: the items stay open for the next close
-            line_id = await conn.fetchval(
-                """INSERT INTO far_payment_batches (week, wallet, amount, contributions, status, closed_at)
-                   VALUES ($1, $2, $3, $4, 'closed', $5)
-                   ON CONFLICT (week, wallet) DO UPDATE
-                       SET amount = EXCLUDED.amount, contributions = EXCLUDED.contributions, status = 'closed',
-                           closed_at = EXCLUDED.closed_at
+        if payable:
+            created = await conn.fetch(
+                """INSERT INTO far_payment_batches (week, wallet, status, closed_at)
+                   SELECT $1, w, 'closed', $3 FROM unnest($2::text[]) WITH ORDINALITY AS u(w, n) ORDER BY n
+                   ON CONFLICT (week, wallet) DO UPDATE SET status = 'closed', closed_at = EXCLUDED.closed_at
                        WHERE far_payment_batches.status = 'open'
-                   RETURNING id""", week, wallet, money.to_far(amount), len(ids), now)
-            if line_id is None:
-                raise PaymentsError(f"far_payment_batches already holds a closed line for {week} / {wallet}")
-            await conn.execute("UPDATE far_payment_items SET batch_id = $1 WHERE contribution_id = ANY($2::uuid[])",
-                               line_id, ids)
+                   RETURNING id, wallet""", week, payable, now)
+            if len(created) != len(payable):
+                taken = sorted(set(payable) - {r["wallet"] for r in created})
+                raise PaymentsError(f"far_payment_batches already holds a closed line for {week} / {taken[0]}")
+            ids = [r["id"] for r in created]
+            await conn.execute(
+                "UPDATE far_payment_items i SET batch_id = b.id FROM far_payment_batches b "
+                "WHERE b.id = ANY($2::bigint[]) AND i.wallet = b.wallet AND i.batch_id IS NULL AND i.week <= $1 "
+                "AND i.amount > 0", week, ids)
+            totals = await conn.fetch(
+                """UPDATE far_payment_batches b SET amount = s.amount, contributions = s.n
+                   FROM (SELECT batch_id, sum(amount) AS amount, count(*) AS n FROM far_payment_items
+                         WHERE batch_id = ANY($1::bigint[]) GROUP BY batch_id) s
+                   WHERE b.id = s.batch_id RETURNING b.amount""", ids)
+            total = sum(money.to_base_units(r["amount"]) for r in totals)
             # The ledger's contribution rows point at the line that pays them (where recorded already).
-            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = $1 "
-                               "WHERE event_id = ANY($2::uuid[])", line_id, ids)
-            total += amount
+            await conn.execute(
+                "UPDATE far_session_contributions c SET payment_batch_id = i.batch_id FROM far_payment_items i "
+                "WHERE i.batch_id = ANY($1::bigint[]) AND c.event_id = i.contribution_id", ids)
         carried, no_wallet = await _open_summary(conn, week)
         lines = await conn.fetchval("SELECT count(*) FROM far_payment_batches WHERE week = $1 AND status <> 'open'", week)
         seconds = time.monotonic() - t0

@@ -1,0 +1,122 @@
+"""`farmesh replay` rate vs raw aiokafka consumption of the same topic.
+
+A noida-db broker of our own (farmesh.local_services.start_broker, 127.0.0.1) gets N sessions on
+farmesh.sessions (the worker's records: one inference.completed + one node.contribution per node, keyed
+by request_id, 6 partitions). Baseline: a group-less AIOKafkaConsumer reading every partition from the
+earliest offset to the end. Measured: farmesh.replay.replay(), what `farmesh replay` runs (read the
+same records, validate, apply the ledger's rule, rebuild the far_replay schema in a scratch database).
+Alternating rounds; the median of each.
+
+    python -m bench.replay_rate [--sessions 10000] [--rounds 3]
+
+ratio = replay records/s / raw records/s   (target >= 0.5)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+from pathlib import Path
+
+import asyncpg
+
+from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
+from bench._sessions import PRICE, session_events, wire
+from farmesh import accounts, messaging, money
+from farmesh.local_services import start_broker
+from farmesh.replay import replay
+from schemas import topics
+
+TARGET = Target(0.5)
+PARTITIONS = 6
+
+
+async def produce(bootstrap: str, account_id, sessions: int) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        sent = []
+        for i in range(sessions):
+            for event in session_events(i, account_id):
+                sent.append(await producer.send(topics.SESSIONS.name, wire(event), key=event.request_id.encode(),
+                                                headers=[("event-type", event.type.encode())]))
+        await producer.flush()
+        await asyncio.gather(*sent)
+        return len(sent)
+    finally:
+        await producer.stop()
+
+
+async def raw_read(bootstrap: str, topic: str) -> int:
+    """Every record of `topic`, earliest to the end offsets seen at start; group-less."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or await _parts(consumer, topic))]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        pending, count = {tp for tp in tps if ends[tp] > 0}, 0
+        while pending:
+            for tp, records in (await consumer.getmany(*pending, timeout_ms=1000, max_records=2000)).items():
+                count += len(records)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    pending.discard(tp)
+                    consumer.pause(tp)  # as replay does: fetch only what is still to read
+        return count
+    finally:
+        await consumer.stop()
+
+
+async def _parts(consumer, topic: str) -> set[int]:
+    await consumer.topics()
+    return consumer.partitions_for_topic(topic) or set()
+
+
+async def main(sessions: int, rounds: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="farmesh-bench-replay-") as tmp:
+        broker = start_broker(Path(tmp) / "kafka")
+        try:
+            async with scratch_database("farmesh_bench_replay") as url:
+                await messaging.ensure_topics(broker.bootstrap, [(topics.SESSIONS.name, PARTITIONS)])
+                conn = await asyncpg.connect(url)
+                try:
+                    client = await accounts.create_client(conn, "bench", money.to_base_units(PRICE))
+                    with stopwatch() as produce_t:
+                        records = await produce(broker.bootstrap, client.account_id, sessions)
+                    say(f"sessions={sessions} records={records} partitions={PARTITIONS} "
+                        f"(produced in {produce_t[0]:.2f} s)")
+                    raw_rates, replay_rates = [], []
+                    for n in range(rounds):
+                        with stopwatch() as raw_t:
+                            got = await raw_read(broker.bootstrap, topics.SESSIONS.name)
+                        with stopwatch() as replay_t:
+                            state = await replay(conn, broker.bootstrap)
+                        if got != records or state.records != records or len(state.winners) != sessions or state.rejected:
+                            raise SystemExit(f"raw read {got}, replay {state.records} records / {len(state.winners)} "
+                                             f"sessions / {len(state.rejected)} rejected; expected {records} / {sessions}")
+                        raw_rates.append(records / raw_t[0])
+                        replay_rates.append(records / replay_t[0])
+                        say(f"round {n + 1}: raw aiokafka {raw_t[0]:.3f} s ({raw_rates[-1]:,.0f} records/s), "
+                            f"replay {replay_t[0]:.3f} s ({replay_rates[-1]:,.0f} records/s)")
+                finally:
+                    await conn.close()
+        finally:
+            broker.stop()
+    raw, rebuilt = statistics.median(raw_rates), statistics.median(replay_rates)
+    say(f"median: raw {raw:,.0f} records/s, replay {rebuilt:,.0f} records/s")
+    return finish(ratio(rebuilt, raw), TARGET)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    raise SystemExit(asyncio.run(main(args.sessions, args.rounds)))
