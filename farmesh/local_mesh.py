@@ -234,7 +234,8 @@ def run_up(settings: Settings, gateway_port: int | None, nodes: int) -> int:
     with _signals_stop():
         try:
             with LocalMesh(settings, settings.data_dir, gateway_port, nodes) as mesh:
-                print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key} status={mesh.gateway_url}/status",
+                print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key} status={mesh.gateway_url}/status "
+                      f"openai_base_url={mesh.gateway_url}/v1",
                       flush=True)
                 reported: set[int] = set()
                 while (dead := mesh.dead_child()) is None:

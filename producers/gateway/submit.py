@@ -218,6 +218,11 @@ class Submitter:
         """The answer to a repeated request: its live stream here, else its recorded session."""
         if (stream := self.streams.get(existing.request_id)) is not None:
             return Live(existing.request_id, stream)
+        if existing.status == "released" and await fetch_session(self._pool(), existing.request_id) is None:
+            # Released without a session: it was never queued (the publish failed); it will never have a result.
+            raise Refused(409, "request_not_queued", f"request {existing.request_id!r} could not be queued earlier "
+                          "and was not charged; send it again with a new request_id / Idempotency-Key",
+                          param="request_id")
         # Streamed by another gateway (or by this one before a restart): wait for the ledger's record.
         give_up = time.monotonic() + self.stream_timeout
         if existing.deadline is not None:
