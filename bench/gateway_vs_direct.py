@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -147,4 +149,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    raise SystemExit(main(args.requests, args.max_tokens, args.warmup))
+    code = main(args.requests, args.max_tokens, args.warmup)
+    # Everything is stopped by now, but Petals/hivemind leave non-daemon threads that keep the interpreter alive.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
