@@ -60,7 +60,7 @@ DROP TABLE gen;
 
 AGGREGATE = """
 SELECT wallet, sum(amount) AS amount, count(*) AS contributions FROM far_payment_items
-WHERE batch_id IS NULL AND week <= $1 AND amount > 0 AND wallet IS NOT NULL
+WHERE week <= $1 AND amount > 0 AND wallet IS NOT NULL
 GROUP BY wallet
 """
 

@@ -40,8 +40,8 @@ QUERIES = {
         FROM far_session_contributions c
         JOIN far_mesh_sessions s ON s.request_id = c.request_id
         LEFT JOIN far_nodes n ON n.peer_id = c.peer_id
-        LEFT JOIN far_payment_items i ON i.contribution_id = c.event_id
-        LEFT JOIN far_payment_batches l ON l.id = i.batch_id
+        LEFT JOIN far_payment_item_lines i ON i.contribution_id = c.event_id
+        LEFT JOIN far_payment_batches l ON l.id = i.line_id
         WHERE {_WINDOW} GROUP BY c.peer_id, n.wallet ORDER BY earnings_far DESC, c.peer_id""",
     "day": f"""
         SELECT to_char(s.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) AS sessions,

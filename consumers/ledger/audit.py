@@ -15,8 +15,10 @@ Checks (each a query that returns the rows that break it):
 - reservations consistent: a request's reservation is held on its session's account at its price (and
   the session's fee is the reservation's fee rate applied to its cost), the session cost no more than it held, it is closed once the session is recorded (settled when completed,
   released when failed) with exactly the cost charged; every settled session had a reservation.
-- payment batches: each line equals the sum of its items; each paid item is a recorded contribution with
-  the same node and amount and is not newer than its batch's week; each week's total equals its lines.
+- payment batches: each line equals the sum of its items (membership: the rule of the view
+  far_payment_item_lines, migration 008); each paid item is a recorded contribution with the same node
+  and amount, is not newer than its batch's week and is in one line only; a wallet's lines nest (through_seq
+  grows with the week, as the rule assumes); each week's total equals its lines.
 """
 from __future__ import annotations
 
@@ -151,8 +153,8 @@ CHECKS: list[tuple[str, str, str, str]] = [
         WITH earned AS (SELECT c.peer_id, sum(c.earnings) AS amount FROM far_session_contributions c
                         JOIN far_mesh_sessions s ON s.request_id = c.request_id AND s.account_id IS NOT NULL
                         GROUP BY c.peer_id),
-             paid AS (SELECT i.peer_id, sum(i.amount) AS amount FROM far_payment_items i
-                      JOIN far_payment_batches l ON l.id = i.batch_id AND l.status = 'paid' GROUP BY i.peer_id)
+             paid AS (SELECT i.peer_id, sum(i.amount) AS amount FROM far_payment_item_lines i
+                      JOIN far_payment_batches l ON l.id = i.line_id AND l.status = 'paid' GROUP BY i.peer_id)
         SELECT b.peer_id, b.balance, COALESCE(earned.amount, 0) AS earned, COALESCE(paid.amount, 0) AS paid
         FROM far_account_balances b LEFT JOIN earned USING (peer_id) LEFT JOIN paid USING (peer_id)
         WHERE b.kind = 'node' AND b.balance <> COALESCE(earned.amount, 0) - COALESCE(paid.amount, 0)""",
@@ -208,21 +210,36 @@ CHECKS: list[tuple[str, str, str, str]] = [
     ("payment batches", """
         SELECT l.id, l.week, l.wallet, l.amount, l.contributions, COALESCE(sum(i.amount), 0) AS items,
                count(i.contribution_id) AS n
-        FROM far_payment_batches l LEFT JOIN far_payment_items i ON i.batch_id = l.id
+        FROM far_payment_batches l LEFT JOIN far_payment_item_lines i ON i.line_id = l.id
         WHERE l.status <> 'open'
         GROUP BY l.id HAVING l.amount <> COALESCE(sum(i.amount), 0) OR l.contributions <> count(i.contribution_id)""",
      "line {id} ({week}, {wallet})", "amount {amount} / {contributions} contributions != items {items} / {n}"),
     ("payment batches", """
         SELECT i.contribution_id, i.peer_id, i.amount, c.peer_id AS ledger_peer, c.earnings, l.id AS line
-        FROM far_payment_items i JOIN far_payment_batches l ON l.id = i.batch_id
+        FROM far_payment_item_lines i JOIN far_payment_batches l ON l.id = i.line_id
         LEFT JOIN far_session_contributions c ON c.event_id = i.contribution_id
         WHERE c.event_id IS NULL OR c.peer_id <> i.peer_id OR c.earnings <> i.amount""",
      "paid item {contribution_id} (line {line})",
      "pays {peer_id} {amount}; the ledger recorded {ledger_peer} earning {earnings}"),
     ("payment batches", """
-        SELECT i.contribution_id, i.week, l.week AS line_week, l.id FROM far_payment_items i
-        JOIN far_payment_batches l ON l.id = i.batch_id WHERE i.week > l.week""",
+        SELECT i.contribution_id, i.week, l.week AS line_week, l.id FROM far_payment_item_lines i
+        JOIN far_payment_batches l ON l.id = i.line_id WHERE i.week > l.week""",
      "item {contribution_id}", "work of {week} paid by line {id} of the earlier week {line_week}"),
+    ("payment batches", """
+        SELECT contribution_id, count(*) AS n, string_agg(line_id::text, ', ' ORDER BY line_id) AS lines
+        FROM far_payment_item_lines GROUP BY contribution_id HAVING count(*) > 1""",
+     "item {contribution_id}", "paid by {n} lines: {lines}"),
+    ("payment batches", """
+        SELECT id, wallet, week, through_seq, prev_id, prev_week, prev_through_seq FROM (
+            SELECT id, wallet, week, through_seq, lag(id) OVER w AS prev_id, lag(week) OVER w AS prev_week,
+                   lag(through_seq) OVER w AS prev_through_seq
+            FROM far_payment_batches WHERE through_seq IS NOT NULL WINDOW w AS (PARTITION BY wallet ORDER BY week)) l
+        WHERE through_seq < prev_through_seq
+           OR through_seq > (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+                             FROM far_payment_items_seq_seq)""",
+     "line {id} ({week}, {wallet})",
+     ("through_seq {through_seq} breaks the nesting of its wallet's lines (line {prev_id} of {prev_week} holds "
+      "{prev_through_seq}) or exceeds the items' sequence")),
     ("payment batches", """
         SELECT w.week, w.total, w.lines, COALESCE(sum(l.amount), 0) AS amount, count(l.id) AS n
         FROM far_payment_weeks w LEFT JOIN far_payment_batches l ON l.week = w.week AND l.status <> 'open'

@@ -8,7 +8,10 @@
   closed is paid by the next close: never lost, and an item is put in a batch at most once). Wallets owed
   less than the minimum payout are carried over (their items stay open); work of nodes with no known
   wallet is reported and stays open until the node registers one. Closing a closed week returns the
-  same batch.
+  same batch. Membership is a rule, not a pointer (migration 008, view far_payment_item_lines): each item
+  has a seq (the order it became payable), each line the seq high-water mark of its close (through_seq),
+  and an item belongs to the first line of its wallet, in week order, with item.seq <= through_seq and
+  item.week <= line.week. So a close reads the open items in one aggregate and writes only its lines.
 - `mark_paid`: records the payout transfer (status paid, tx reference) and posts it to the ledger
   (debit the nodes' accounts, credit the external payouts account).
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -131,21 +133,41 @@ async def _closed_event(conn: asyncpg.Connection, week: str) -> PaymentBatchClos
     )
 
 
+# Batch membership is a rule (migration 008, view far_payment_item_lines): an item belongs to the first line
+# (week order) of its wallet with item.seq <= line.through_seq and item.week <= line.week. A wallet's lines nest
+# (closes are serialised, in week order, and through_seq is the seq high-water mark of the close), so an item is
+# still open iff its wallet's LAST line does not hold it. Closing therefore reads the open items in one aggregate
+# and writes only the lines: no item is updated (except work given a wallet at this close).
+_LAST_LINES = """SELECT DISTINCT ON (wallet) wallet, week, through_seq FROM far_payment_batches
+                 WHERE through_seq IS NOT NULL ORDER BY wallet, week DESC"""
+
+# Open work of `week` or earlier (seq <= $2) per wallet: one pass over the items, probing each wallet's last line.
+_OPEN = f"""
+SELECT i.wallet, sum(i.amount) AS amount, count(*) AS n
+FROM far_payment_items i LEFT JOIN ({_LAST_LINES}) last ON last.wallet = i.wallet
+WHERE i.week <= $1 AND i.amount > 0 AND i.seq <= $2 AND i.wallet IS NOT NULL
+  AND NOT COALESCE(i.seq <= last.through_seq AND i.week <= last.week, false)
+GROUP BY i.wallet
+"""
+# Work of nodes with no known wallet (never in a line; far_payment_items_no_wallet_idx), per peer.
+_NO_WALLET = """
+SELECT peer_id, sum(amount) AS amount, count(*) AS n FROM far_payment_items
+WHERE wallet IS NULL AND week <= $1 AND amount > 0 GROUP BY peer_id ORDER BY peer_id
+"""
+
+
+async def _open_work(conn: asyncpg.Connection, week: str, through_seq: int | None = None
+                     ) -> tuple[dict[str, tuple[Decimal, int]], list[tuple[str, Decimal, int]]]:
+    """What is open up to `week`: {wallet: (amount, items)}, and [(peer_id, amount, items)] without a wallet."""
+    rows = await conn.fetch(_OPEN, week, through_seq if through_seq is not None else 2 ** 63 - 1)
+    no_wallet = [(r["peer_id"], r["amount"], r["n"]) for r in await conn.fetch(_NO_WALLET, week)]
+    return {r["wallet"]: (r["amount"], r["n"]) for r in rows}, no_wallet
+
+
 async def _open_summary(conn: asyncpg.Connection, week: str) -> tuple[list, list]:
     """What is still open up to `week`: wallets below the minimum, and peers without a wallet."""
-    rows = await conn.fetch(
-        "SELECT wallet, peer_id, sum(amount) AS amount, count(*) AS n FROM far_payment_items "
-        "WHERE batch_id IS NULL AND week <= $1 AND amount > 0 GROUP BY wallet, peer_id", week)
-    by_wallet: dict[str, list] = defaultdict(lambda: [Decimal(0), 0])
-    no_wallet = []
-    for r in rows:
-        if r["wallet"] is None:
-            no_wallet.append((r["peer_id"], r["amount"], r["n"]))
-        else:
-            by_wallet[r["wallet"]][0] += r["amount"]
-            by_wallet[r["wallet"]][1] += r["n"]
-    carried = [(w, a, n) for w, (a, n) in sorted(by_wallet.items())]
-    return carried, sorted(no_wallet)
+    by_wallet, no_wallet = await _open_work(conn, week)
+    return [(w, a, n) for w, (a, n) in sorted(by_wallet.items())], no_wallet
 
 
 async def close_week(conn: asyncpg.Connection, week: str, min_payout: int, *, now: datetime | None = None) -> Closed:
@@ -164,50 +186,42 @@ async def close_week(conn: asyncpg.Connection, week: str, min_payout: int, *, no
                                 f"(work of {week} that is still open is paid by the next close)")
         if start > now:
             raise PaymentsError(f"{week} has not started yet")
-        # Work of nodes that registered a wallet since it was recorded becomes payable now.
+        # No item is being recorded while the week closes: an insert that took a seq and has not committed yet
+        # would otherwise become visible later with a seq below this close's high-water mark, inside a line
+        # whose total did not count it. SHARE waits for those inserts and holds new ones until the commit.
+        await conn.execute("LOCK TABLE far_payment_items IN SHARE MODE")
+        # Work of nodes that registered a wallet since it was recorded becomes payable now; it takes a new seq
+        # (above every line's through_seq), so no line closed before holds it: the next lines of its wallet do.
         await conn.execute(
-            "UPDATE far_payment_items i SET wallet = n.wallet FROM far_nodes n "
-            "WHERE i.wallet IS NULL AND i.batch_id IS NULL AND n.peer_id = i.peer_id AND n.wallet IS NOT NULL")
-        # Set-based: one aggregate picks the wallets owed at least the minimum, their lines are inserted, the
-        # open items are assigned to them in one UPDATE, and each line's total is then summed from exactly the
-        # items it got (an item recorded meanwhile is either in a line and its total, or stays open).
-        owed = await conn.fetch(
-            "SELECT wallet, sum(amount) AS amount FROM far_payment_items "
-            "WHERE batch_id IS NULL AND week <= $1 AND amount > 0 AND wallet IS NOT NULL GROUP BY wallet", week)
-        payable = sorted(r["wallet"] for r in owed if money.to_base_units(r["amount"]) >= min_payout)
-        total = 0
+            "UPDATE far_payment_items i SET wallet = n.wallet, seq = DEFAULT FROM far_nodes n "
+            "WHERE i.wallet IS NULL AND n.peer_id = i.peer_id AND n.wallet IS NOT NULL")
+        # The high-water mark: every seq handed out so far belongs to a committed item (or to none).
+        through_seq = await conn.fetchval(
+            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM far_payment_items_seq_seq")
+        # One aggregate of the open work; the lines are exactly its wallets owed at least the minimum.
+        owed, no_wallet = await _open_work(conn, week, through_seq)
+        payable = sorted(w for w, (amount, _) in owed.items() if money.to_base_units(amount) >= min_payout)
+        carried = [(w, a, n) for w, (a, n) in sorted(owed.items()) if w not in payable]
+        total = sum(money.to_base_units(owed[w][0]) for w in payable)
         if payable:
             created = await conn.fetch(
-                """INSERT INTO far_payment_batches (week, wallet, status, closed_at)
-                   SELECT $1, w, 'closed', $3 FROM unnest($2::text[]) WITH ORDINALITY AS u(w, n) ORDER BY n
-                   ON CONFLICT (week, wallet) DO UPDATE SET status = 'closed', closed_at = EXCLUDED.closed_at
+                """INSERT INTO far_payment_batches (week, wallet, amount, contributions, status, closed_at, through_seq)
+                   SELECT $1, w, a, n, 'closed', $5, $6
+                   FROM unnest($2::text[], $3::numeric[], $4::int[]) WITH ORDINALITY AS u(w, a, n, o) ORDER BY o
+                   ON CONFLICT (week, wallet) DO UPDATE SET status = 'closed', closed_at = EXCLUDED.closed_at,
+                       amount = EXCLUDED.amount, contributions = EXCLUDED.contributions,
+                       through_seq = EXCLUDED.through_seq
                        WHERE far_payment_batches.status = 'open'
-                   RETURNING id, wallet""", week, payable, now)
+                   RETURNING id, wallet""",
+                week, payable, [owed[w][0] for w in payable], [owed[w][1] for w in payable], now, through_seq)
             if len(created) != len(payable):
                 taken = sorted(set(payable) - {r["wallet"] for r in created})
                 raise PaymentsError(f"far_payment_batches already holds a closed line for {week} / {taken[0]}")
-            ids = [r["id"] for r in created]
-            await conn.execute(
-                "UPDATE far_payment_items i SET batch_id = b.id FROM far_payment_batches b "
-                "WHERE b.id = ANY($2::bigint[]) AND i.wallet = b.wallet AND i.batch_id IS NULL AND i.week <= $1 "
-                "AND i.amount > 0", week, ids)
-            totals = await conn.fetch(
-                """UPDATE far_payment_batches b SET amount = s.amount, contributions = s.n
-                   FROM (SELECT batch_id, sum(amount) AS amount, count(*) AS n FROM far_payment_items
-                         WHERE batch_id = ANY($1::bigint[]) GROUP BY batch_id) s
-                   WHERE b.id = s.batch_id RETURNING b.amount""", ids)
-            total = sum(money.to_base_units(r["amount"]) for r in totals)
-            # The ledger's contribution rows point at the line that pays them (where recorded already).
-            await conn.execute(
-                "UPDATE far_session_contributions c SET payment_batch_id = i.batch_id FROM far_payment_items i "
-                "WHERE i.batch_id = ANY($1::bigint[]) AND c.event_id = i.contribution_id", ids)
-        carried, no_wallet = await _open_summary(conn, week)
-        lines = await conn.fetchval("SELECT count(*) FROM far_payment_batches WHERE week = $1 AND status <> 'open'", week)
         seconds = time.monotonic() - t0
         await conn.execute(
             """INSERT INTO far_payment_weeks (week, event_id, min_payout, lines, total, carried_over,
                    unpaid_no_wallet, close_seconds, closed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-            week, uuid.uuid4(), money.to_far(min_payout), lines, money.to_far(total),
+            week, uuid.uuid4(), money.to_far(min_payout), len(payable), money.to_far(total),
             sum((a for _, a, _ in carried), Decimal(0)), sum((a for _, a, _ in no_wallet), Decimal(0)), seconds, now)
         event = await _closed_event(conn, week)
     assert event is not None
@@ -268,8 +282,8 @@ async def mark_paid(conn: asyncpg.Connection, batch: str, tx_ref: str) -> list[i
                 if line["tx_ref"] != tx_ref:
                     raise PaymentsError(f"line {line['id']} was paid already with {line['tx_ref']}")
                 continue
-            per_peer = await conn.fetch("SELECT peer_id, sum(amount) AS amount FROM far_payment_items "
-                                        "WHERE batch_id = $1 GROUP BY peer_id ORDER BY peer_id", line["id"])
+            per_peer = await conn.fetch("SELECT peer_id, sum(amount) AS amount FROM far_payment_item_lines "
+                                        "WHERE line_id = $1 GROUP BY peer_id ORDER BY peer_id", line["id"])
             peers = [r["peer_id"] for r in per_peer]
             await conn.execute(
                 "INSERT INTO far_accounts (account_id, kind, name, peer_id) "

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.integration
 W10, W11, W12, W13 = "2025-W10", "2025-W11", "2025-W12", "2025-W13"
 WALLET_A, WALLET_B, WALLET_D = "0xA11CE", "0xB0B", "0xD0D0"
 ALPHA, BETA, GAMMA, DELTA = "QmAlpha", "QmBeta", "QmGamma", "QmDelta"  # alpha and gamma share a wallet
+# An item no batch line pays (membership is the rule of the view far_payment_item_lines, migration 008).
+UNPAID = "NOT EXISTS (SELECT 1 FROM far_payment_item_lines v WHERE v.contribution_id = i.contribution_id)"
 
 
 def at(week: str, hours: int = 30) -> datetime:
@@ -124,15 +126,15 @@ async def test_weekly_batches_close_once_and_late_work_goes_to_the_next_batch(en
     assert closed.exit_code == 0, closed.output
     assert "farmesh_payments_batch_close_seconds_count 1.0" in textfile.read_text()  # for a textfile collector
     late_lines = await env.pool.fetch(
-        "SELECT DISTINCT l.week FROM far_payment_items i JOIN far_payment_batches l ON l.id = i.batch_id "
+        "SELECT DISTINCT l.week FROM far_payment_item_lines i JOIN far_payment_batches l ON l.id = i.line_id "
         "WHERE i.request_id = $1", late.request_id)
     assert [r["week"] for r in late_lines] == [W11]
     w11_total, _ = export_sum((await farmesh("payments", "export", "--week", W11, *db)).stdout)
     assert w11_total == await earned(env, W11) + sum(c.earnings_far for c in late.contributions)
     # W10's batch did not change; every paid item was paid once.
     assert export_sum((await farmesh("payments", "export", "--week", W10, *db)).stdout)[0] == total
-    assert await env.pool.fetchval("SELECT count(*) FROM far_payment_items WHERE batch_id IS NOT NULL") == \
-        await env.pool.fetchval("SELECT count(DISTINCT contribution_id) FROM far_payment_items WHERE batch_id IS NOT NULL")
+    assert await env.pool.fetchval("SELECT count(*) FROM far_payment_item_lines") == \
+        await env.pool.fetchval("SELECT count(DISTINCT contribution_id) FROM far_payment_item_lines") > 0
 
     # Weeks close in order.
     refused = await farmesh("payments", "close", "--week", "2025-W09", "--kafka-bootstrap", env.bootstrap, *db)
@@ -145,7 +147,7 @@ async def test_minimum_payout_carries_small_balances_and_unregistered_work_waits
     big, small = [(ALPHA, 0, 4)], [(BETA, 0, 4)]
     await publish(env, client, session(client, W12, 30, big), session(client, W12, 1, small),
                   session(client, W12, 2, [(DELTA, 0, 4)]))
-    owed_b = await env.pool.fetchval("SELECT sum(amount) FROM far_payment_items WHERE batch_id IS NULL AND wallet = $1",
+    owed_b = await env.pool.fetchval(f"SELECT sum(amount) FROM far_payment_items i WHERE {UNPAID} AND wallet = $1",
                                      WALLET_B)
     result = await farmesh("payments", "close", "--week", W12, "--min-payout", "0.001",
                            "--kafka-bootstrap", env.bootstrap, *db)
@@ -164,7 +166,7 @@ async def test_minimum_payout_carries_small_balances_and_unregistered_work_waits
     assert lines == {WALLET_B: owed_b, WALLET_D: owed_d}
     # Everything earned so far is in exactly one batch line.
     assert await env.pool.fetchval("SELECT sum(amount) FROM far_payment_batches") == await earned(env) + await earned(env, wallet_known=False)
-    assert await env.pool.fetchval("SELECT count(*) FROM far_payment_items WHERE batch_id IS NULL AND amount > 0") == 0
+    assert await env.pool.fetchval(f"SELECT count(*) FROM far_payment_items i WHERE {UNPAID} AND amount > 0") == 0
     assert await audit_breaks(env.pool) == []
 
 
