@@ -13,6 +13,7 @@ What a client may still spend is its balance minus its open reservations.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import uuid
@@ -34,6 +35,7 @@ KEY_PREFIX = "fmk_"
 PREFIX_LENGTH = 12  # "fmk_" + 8 characters of the key: enough to tell keys apart, useless to an attacker
 
 
+@functools.lru_cache(maxsize=65536)
 def node_account_id(peer_id: str) -> uuid.UUID:
     """The account of the node `peer_id`: deterministic, so the ledger, payments and replays agree."""
     return uuid.uuid5(_NODE_NAMESPACE, f"node:{peer_id}")
@@ -313,57 +315,43 @@ class Reservation:
     retry_after: int = 1
 
 
-_EXISTING = """
-SELECT r.request_id, r.account_id, r.status, r.request_hash, r.reply_topic, r.deadline
-FROM far_reservations r WHERE r.request_id = $1
-"""
-
-# Requests of a model accepted and not settled yet whose deadline has not passed (queued or running).
-_PENDING = "SELECT count(*) FROM far_reservations WHERE model = $1 AND status = 'open' AND deadline > now()"
-
-
 async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reservation) -> tuple[Client, int]:
     """Authenticate and hold max_tokens x price on the client's account, keyed by request_id.
 
-    One transaction with the account row locked, so concurrent requests of one account (on any number of
-    gateways) cannot together spend more than it has; the model's pending requests are counted under a
-    per-model advisory lock, so all gateways together queue at most max_pending. A request id the same
-    account already used with the same parameters raises AlreadyRequested (nothing is held twice).
-    Returns the client and the amount held.
+    One round trip to the database function far_reserve (migration 007), which runs in one transaction with
+    the account row locked, so concurrent requests of one account (on any number of gateways) cannot together
+    spend more than it has; the model's pending requests are counted under a per-model advisory lock, so all
+    gateways together queue at most max_pending. A request id the same account already used with the same
+    parameters raises AlreadyRequested (nothing is held twice). Returns the client and the amount held.
     """
+    key = bearer_key(authorization)
+    if key is None:
+        raise Unauthorized("missing API key: send `Authorization: Bearer KEY`")
     amount = pricing.reservation_amount(request.max_tokens, money.to_base_units(request.price))
-    async with pool.acquire() as conn, conn.transaction():
-        client = await authenticate(conn, authorization)
-        await conn.execute("SELECT 1 FROM far_accounts WHERE account_id = $1 FOR NO KEY UPDATE", client.account_id)
-        if (row := await conn.fetchrow(_EXISTING, request.request_id)) is not None:
-            _raise_for_existing(row, client, request)
-        if await conn.fetchval("SELECT 1 FROM far_mesh_sessions WHERE request_id = $1", request.request_id):
-            raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
-        if request.max_pending is not None:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('farmesh-pending:' || $1))", request.model)
-            if (pending := await conn.fetchval(_PENDING, request.model)) >= request.max_pending:
-                raise QueueFull(request.model, pending, request.retry_after)
-        have, reserved = await balance(conn, client.account_id)
-        if have - reserved < amount:
-            raise InsufficientFunds(amount, max(have - reserved, 0))
-        inserted = await conn.fetchval(
-            """INSERT INTO far_reservations (request_id, account_id, key_id, model, max_tokens, price_per_token,
-                   platform_fee_rate, amount, request_hash, deadline, reply_topic)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
-            request.request_id, client.account_id, client.key_id, request.model, request.max_tokens, request.price,
-            request.fee_rate, money.to_far(amount), request.request_hash, request.deadline, request.reply_topic)
-        if inserted is None:  # another account's request took the id since _EXISTING (same account: row lock)
-            raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
-    return client, amount
-
-
-def _raise_for_existing(row: asyncpg.Record, client: Client, request: Reservation) -> None:
-    if row["account_id"] != client.account_id:  # say nothing about another account's request
+    row = await pool.fetchrow(
+        "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        hash_key(key), request.request_id, request.model, request.max_tokens, request.price, request.fee_rate,
+        money.to_far(amount), request.request_hash, request.deadline, request.reply_topic, request.max_pending)
+    outcome = row["outcome"]
+    if outcome == "unknown_key":
+        raise Unauthorized("unknown API key")
+    if outcome == "revoked":
+        raise Unauthorized(f"API key {row['prefix']}... was revoked")
+    if outcome == "duplicate":
         raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
-    if row["request_hash"] and request.request_hash and row["request_hash"] != request.request_hash:
+    if outcome == "parameters_differ":
         raise ParametersDiffer(f"request_id {request.request_id!r} was already used for a request with other "
                                "parameters; use a new request_id / Idempotency-Key")
-    raise AlreadyRequested(Existing(row["request_id"], row["status"], row["reply_topic"], row["deadline"]))
+    if outcome == "already":
+        raise AlreadyRequested(Existing(request.request_id, row["existing_status"], row["existing_reply_topic"],
+                                        row["existing_deadline"]))
+    if outcome == "queue_full":
+        raise QueueFull(request.model, row["pending"], request.retry_after)
+    if outcome == "insufficient":
+        raise InsufficientFunds(amount, units(row["available"]))
+    if outcome != "reserved":
+        raise RuntimeError(f"far_reserve answered {outcome!r}")
+    return Client(row["account_id"], row["name"], row["key_id"], row["prefix"]), amount
 
 
 async def release(conn: asyncpg.Connection | asyncpg.Pool, request_id: str, reason: str) -> bool:

@@ -57,7 +57,8 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     )
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
-    worker.register(broker, client, settings.model_name, registry, concurrency=settings.worker_concurrency)
+    worker.register(broker, client, settings.model_name, registry, concurrency=settings.worker_concurrency,
+                    fetch_wait_ms=settings.latency_fetch_wait_ms)
     # Prefer routes through the nodes the registry knows as online (they are the ones that get paid).
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) if settings.database_url else None
     preferring = None

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     # Generations one inference worker runs at once (each takes one partition of the requests topic, so
     # all workers together run at most topic_partitions at once).
     worker_concurrency: int = Field(default=3, ge=1, le=64)
+    # Longest fetch wait (ms) of the consumers on a request's path to its first token (worker requests and
+    # cancellations, gateway replies). Apache Kafka long-polls, answering as soon as a record arrives, so there
+    # this only bounds an idle consumer's fetch rate: 100-500 is right. The dev broker (noida-db) answers an
+    # empty fetch at once and the client then sleeps out the wait (farmesh.messaging), so on it this wait is
+    # added latency: 3 ms keeps the gateway within ~15 ms of a direct Petals client, for ~10% of a core per
+    # idle consumer.
+    latency_fetch_wait_ms: int = Field(default=3, ge=1, le=5000)
     # Gateway: its id names its own reply topic (farmesh.inference.replies.<id>); unset, host and port.
     gateway_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
     # Requests of one model accepted (over every gateway) and not finished yet: beyond this, 429.

@@ -174,21 +174,22 @@ class TokenRelay:
 
 
 def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
-             worker_name: str | None = None, concurrency: int = 1) -> None:
+             worker_name: str | None = None, concurrency: int = 1, fetch_wait_ms: int = 3) -> None:
     worker = worker_name or default_source()
     metrics = Metrics(registry)
     cancellations = Cancellations()
 
     # No consumer group: every worker hears every cancellation and stops the request if it runs it.
     # Short fetch waits: a cancellation must stop generation within one token, a request start at once.
-    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=10, title="worker-control",
+    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=fetch_wait_ms,
+                       title="worker-control",
                        description="Cancellations: stop a request whose client went away")
     async def on_cancel(event: InferenceCancelled) -> None:
         cancellations.add(event.request_id, event.reason)
 
     @broker.subscriber(
         topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=20,
+        ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=fetch_wait_ms,
         max_workers=concurrency, title="inference", description="Runs a generation request on the Petals swarm",
     )
     async def run_inference(request: InferenceRequested) -> None:

@@ -1,4 +1,5 @@
 -- Rollback of 007: cancelled and expired sessions become failed again (as 006 knew them).
+DROP FUNCTION IF EXISTS far_reserve(TEXT, TEXT, TEXT, INT, NUMERIC, NUMERIC, NUMERIC, TEXT, TIMESTAMPTZ, TEXT, INT);
 DROP INDEX IF EXISTS far_reservations_pending_idx;
 ALTER TABLE far_reservations DROP COLUMN IF EXISTS reply_topic;
 ALTER TABLE far_reservations DROP COLUMN IF EXISTS deadline;

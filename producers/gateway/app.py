@@ -84,7 +84,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
     reply_topic = topics.reply_topic(settings.gateway_name)
 
     # This gateway's own reply topic: no group, no one else reads it.
-    @broker.subscriber(reply_topic, auto_offset_reset="latest", fetch_max_wait_ms=10, title="gateway-replies",
+    @broker.subscriber(reply_topic, auto_offset_reset="latest", fetch_max_wait_ms=settings.latency_fetch_wait_ms, title="gateway-replies",
                        description="Token streams for the requests this gateway published")
     async def on_reply(event: ReplyEvent) -> None:
         streams.deliver(event)
