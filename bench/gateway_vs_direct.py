@@ -149,7 +149,10 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    code = main(args.requests, args.max_tokens, args.warmup)
+    from farmesh.local_mesh import stop_on_signals
+
+    with stop_on_signals():  # SIGTERM/SIGINT unwind through LocalMesh, which stops every child by pid
+        code = main(args.requests, args.max_tokens, args.warmup)
     # Everything is stopped by now, but Petals/hivemind leave non-daemon threads that keep the interpreter alive.
     sys.stdout.flush()
     sys.stderr.flush()

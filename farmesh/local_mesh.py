@@ -221,7 +221,8 @@ class LocalMesh:
 
 
 @contextlib.contextmanager
-def _signals_stop() -> Iterator[None]:
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Stopped here, so `with LocalMesh(...)` unwinds and stops every child by pid."""
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -231,7 +232,7 @@ def _signals_stop() -> Iterator[None]:
 
 
 def run_up(settings: Settings, gateway_port: int | None, nodes: int) -> int:
-    with _signals_stop():
+    with stop_on_signals():
         try:
             with LocalMesh(settings, settings.data_dir, gateway_port, nodes) as mesh:
                 print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key} status={mesh.gateway_url}/status "
@@ -276,7 +277,7 @@ def _stream(url: str, body: dict, api_key: str) -> dict | None:
 
 
 def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max_tokens: int) -> int:
-    with _signals_stop(), tempfile.TemporaryDirectory(prefix="farmesh-demo-") as scratch:
+    with stop_on_signals(), tempfile.TemporaryDirectory(prefix="farmesh-demo-") as scratch:
         with LocalMesh(settings, Path(scratch), gateway_port, nodes) as mesh:
             print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key}", flush=True)
             auth = {"Authorization": f"Bearer {mesh.api_key}"}
