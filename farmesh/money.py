@@ -7,22 +7,21 @@ NUMERIC columns, JSON); floats never touch money.
 """
 from __future__ import annotations
 
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, localcontext
 
 DECIMALS = 18
 SCALE = 10**DECIMALS
+_EXACT = Context(prec=80)  # wide enough for any NUMERIC(38,18) amount scaled by 10**18: nothing rounds
 
 
 def to_base_units(far: Decimal | str | int) -> int:
     value = Decimal(far) if not isinstance(far, Decimal) else far
     if not value.is_finite() or value < 0:
         raise ValueError(f"amount must be a finite non-negative number of FAR, got {far!r}")
-    with localcontext() as ctx:
-        ctx.prec = 80
-        scaled = value.scaleb(DECIMALS)
-        if scaled != scaled.to_integral_value():
-            raise ValueError(f"{far} FAR is finer than one base unit (1e-{DECIMALS} FAR)")
-        return int(scaled)
+    units = int(value.scaleb(DECIMALS, _EXACT))  # exact: the context holds every digit
+    if units != value.scaleb(DECIMALS, _EXACT):  # int() dropped a fraction of a base unit
+        raise ValueError(f"{far} FAR is finer than one base unit (1e-{DECIMALS} FAR)")
+    return units
 
 
 def to_far(base_units: int) -> Decimal:

@@ -19,6 +19,7 @@ With --since, only the requests whose live session comes from an outcome inside 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -85,6 +86,14 @@ async def read_log(bootstrap: str, topic: str, since: datetime | None, positions
     """Every record of `topic` from the earliest offset (or the first at/after `since`) to the end offsets
     seen at start, each partition in log order; group-less (nothing committed). `positions` receives
     partition -> (first offset, end offset)."""
+    async for records in read_log_batches(bootstrap, topic, since, positions, timeout):
+        for record in records:
+            yield record
+
+
+async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, positions: dict[int, tuple[int, int]],
+                           timeout: float = 30.0) -> AsyncIterator[list[Any]]:
+    """read_log() a fetched batch at a time (records of one partition, in log order)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -115,9 +124,10 @@ async def read_log(bootstrap: str, topic: str, since: datetime | None, positions
             if batch:
                 deadline = loop.time() + timeout
             for tp, records in batch.items():
-                for record in records:
-                    if record.offset < ends[tp]:
-                        yield record
+                if records and records[-1].offset >= ends[tp]:
+                    records = [r for r in records if r.offset < ends[tp]]
+                if records:
+                    yield records
                 if records and records[-1].offset + 1 >= ends[tp]:
                     pending.discard(tp)
             for tp in list(pending):
@@ -139,32 +149,42 @@ async def replay(conn: asyncpg.Connection, bootstrap: str, since: datetime | Non
     strangers: set[UUID] = set()
     owners: dict[UUID, str] = {}
     started = datetime.now(timezone.utc)
-    async for record in read_log(bootstrap, topics.SESSIONS.name, since, state.positions):
-        state.records += 1
-        try:
-            event = session_event_adapter.validate_json(record.value)
-        except (ValidationError, ValueError) as exc:
-            state.rejected.append((record.partition, record.offset, f"invalid session event: {str(exc)[:200]}"))
-            continue
-        if isinstance(event, NodeContribution):
-            continue
-        state.outcomes += 1
-        state.seen[event.event_id] = event.request_id
-        # The ledger's rule, in log order: money adds up, a known client, contribution ids not taken.
-        problem = money_problem(event)
-        if problem is None and event.account_id not in clients:
-            if event.account_id not in strangers and await conn.fetchval(
-                    "SELECT 1 FROM far_accounts WHERE account_id = $1 AND kind = 'client'", event.account_id):
-                clients.add(event.account_id)
-            else:
-                strangers.add(event.account_id)
-                problem = f"unknown client account {event.account_id}"
-        if problem is None and event.request_id not in state.winners:
-            problem = contribution_conflict(event, owners)
-        if problem is not None:
-            state.rejected.append((record.partition, record.offset, problem))
-            continue
-        state.winners.setdefault(event.request_id, (event, record.partition, record.offset))
+    validate = session_event_adapter.validate_json
+    # The loop allocates only acyclic objects (records, events) that it keeps: the cyclic collector would
+    # rescan the growing state again and again for nothing, so it waits until the log is read.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        async for records in read_log_batches(bootstrap, topics.SESSIONS.name, since, state.positions):
+            state.records += len(records)
+            for record in records:
+                try:
+                    event = validate(record.value)
+                except (ValidationError, ValueError) as exc:
+                    state.rejected.append((record.partition, record.offset, f"invalid session event: {str(exc)[:200]}"))
+                    continue
+                if isinstance(event, NodeContribution):
+                    continue
+                state.outcomes += 1
+                state.seen[event.event_id] = event.request_id
+                # The ledger's rule, in log order: money adds up, a known client, contribution ids not taken.
+                problem = money_problem(event)
+                if problem is None and event.account_id not in clients:
+                    if event.account_id not in strangers and await conn.fetchval(
+                            "SELECT 1 FROM far_accounts WHERE account_id = $1 AND kind = 'client'", event.account_id):
+                        clients.add(event.account_id)
+                    else:
+                        strangers.add(event.account_id)
+                        problem = f"unknown client account {event.account_id}"
+                if problem is None and event.request_id not in state.winners:
+                    problem = contribution_conflict(event, owners)
+                if problem is not None:
+                    state.rejected.append((record.partition, record.offset, problem))
+                    continue
+                state.winners.setdefault(event.request_id, (event, record.partition, record.offset))
+    finally:
+        if collecting:
+            gc.enable()
     await _write(conn, state, since, started)
     return state
 

@@ -13,6 +13,8 @@ are charged). A redelivered or replayed event records and posts nothing.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,53 +23,95 @@ import asyncpg
 from farmesh import accounts
 from schemas.events import Contribution, InferenceCompleted, SessionOutcome
 
-_INSERT_SESSIONS = """
-INSERT INTO far_mesh_sessions (request_id, event_id, model, status, prompt_tokens, completion_tokens,
-    completion, finish_reason, error, price_per_token, cost, started_at, finished_at, worker, account_id,
-    platform_fee)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[],
-    $8::text[], $9::text[], $10::numeric[], $11::numeric[], $12::timestamptz[], $13::timestamptz[], $14::text[],
-    $15::uuid[], $16::numeric[])
-ON CONFLICT (request_id) DO NOTHING
-RETURNING event_id
+# Per batch, the outcomes and their contributions are COPYed into two temporary staging tables (one pair per
+# connection, emptied at each commit), then ONE statement writes everything from them: COPY's binary rows
+# instead of per-element array parameters, and a few round trips per batch (BEGIN with the staging tables, two
+# COPYs, the statement, COMMIT) instead of one per table. The statement's data-modifying CTEs all run to
+# completion; the foreign keys are checked at its end, when every CTE's rows exist. (Two tables, not one with
+# a kind column: the planner sizes a never-analyzed temporary table by its pages, so joins on them are hashed;
+# a filter on a kind column would be guessed at one row and nested.)
+_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS far_ledger_stage_sessions (
+    ord INT NOT NULL, event_id UUID NOT NULL, request_id TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
+    prompt_tokens INT, completion_tokens INT, completion TEXT, finish_reason TEXT, error TEXT, price_per_token NUMERIC,
+    cost NUMERIC, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, worker TEXT, account_id UUID, platform_fee NUMERIC,
+    description TEXT, reservation_status TEXT, reservation_reason TEXT
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS far_ledger_stage_contributions (
+    ord INT NOT NULL, event_id UUID NOT NULL, request_id TEXT NOT NULL, model TEXT NOT NULL, contribution_id UUID,
+    peer_id TEXT, node_account UUID, start_block INT, end_block INT, tokens_processed INT, earnings NUMERIC,
+    occurred_at TIMESTAMPTZ
+) ON COMMIT DELETE ROWS;
 """
+_SESSION_COLUMNS = ("ord", "event_id", "request_id", "model", "status", "prompt_tokens", "completion_tokens",
+                    "completion", "finish_reason", "error", "price_per_token", "cost", "started_at", "finished_at",
+                    "worker", "account_id", "platform_fee", "description", "reservation_status", "reservation_reason")
+_CONTRIBUTION_COLUMNS = ("ord", "event_id", "request_id", "model", "contribution_id", "peer_id", "node_account",
+                         "start_block", "end_block", "tokens_processed", "earnings", "occurred_at")
 
-_INSERT_NODE_ACCOUNTS = """
-INSERT INTO far_accounts (account_id, kind, name, peer_id)
-SELECT a, 'node', 'node ' || p, p FROM unnest($1::uuid[], $2::text[]) AS u(a, p)
-ON CONFLICT DO NOTHING
-"""
-
-_INSERT_TRANSACTIONS = """
-INSERT INTO far_ledger_transactions (txn_id, kind, request_id, description, occurred_at)
-SELECT t, 'settlement', r, d, o FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS u(t, r, d, o)
-ON CONFLICT DO NOTHING
-RETURNING txn_id
-"""
-
-_INSERT_ENTRIES = """
-INSERT INTO far_ledger_entries (txn_id, account_id, side, amount, contribution_id)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::numeric[], $5::uuid[])
-"""
-
-_CLOSE_RESERVATIONS = """
-UPDATE far_reservations r
-SET status = u.status, charged = u.charged, settlement_txn = u.txn, closed_at = now(), reason = u.reason
-FROM unnest($1::text[], $2::text[], $3::numeric[], $4::uuid[], $5::text[]) AS u(request_id, status, charged, txn, reason)
-WHERE r.request_id = u.request_id
-"""
-
-# The wallet is the one the registry knows for the peer when the work is recorded.
-_INSERT_CONTRIBUTIONS = """
-INSERT INTO far_session_contributions (event_id, request_id, model, peer_id, wallet, start_block, end_block,
-    tokens_processed, earnings, occurred_at)
-SELECT c.event_id, c.request_id, c.model, c.peer_id, n.wallet, c.start_block, c.end_block,
-    c.tokens_processed, c.earnings, c.occurred_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::numeric[],
-    $9::timestamptz[]) AS c(event_id, request_id, model, peer_id, start_block, end_block, tokens_processed,
-    earnings, occurred_at)
-LEFT JOIN far_nodes n ON n.peer_id = c.peer_id
-ON CONFLICT (event_id) DO NOTHING
+# s: the sessions recorded now (the first outcome of a request_id wins; ON CONFLICT: a later one records
+# nothing). c: their contributions, with the wallet the registry knows for the peer when the work is recorded.
+# a: the nodes' accounts. t: each new session's settlement transaction, keyed by the outcome's event id;
+# e: its balanced entries (debit client cost, credit each node its earnings, credit the platform its fee;
+# zero amounts left out); r: the request's reservation closed (settled, or released for a failed session).
+_RECORD = """
+WITH s AS (
+    INSERT INTO far_mesh_sessions (request_id, event_id, model, status, prompt_tokens, completion_tokens,
+        completion, finish_reason, error, price_per_token, cost, started_at, finished_at, worker, account_id,
+        platform_fee)
+    SELECT request_id, event_id, model, status, prompt_tokens, completion_tokens, completion, finish_reason, error,
+        price_per_token, cost, started_at, finished_at, worker, account_id, platform_fee
+    FROM pg_temp.far_ledger_stage_sessions ORDER BY ord
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING event_id
+), c AS (
+    INSERT INTO far_session_contributions (event_id, request_id, model, peer_id, wallet, start_block, end_block,
+        tokens_processed, earnings, occurred_at)
+    SELECT c.contribution_id, c.request_id, c.model, c.peer_id, n.wallet, c.start_block, c.end_block,
+        c.tokens_processed, c.earnings, c.occurred_at
+    FROM pg_temp.far_ledger_stage_contributions c JOIN s ON s.event_id = c.event_id
+    LEFT JOIN far_nodes n ON n.peer_id = c.peer_id
+    ORDER BY c.ord
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING 1
+), a AS (
+    INSERT INTO far_accounts (account_id, kind, name, peer_id)
+    SELECT DISTINCT c.node_account, 'node', 'node ' || c.peer_id, c.peer_id
+    FROM pg_temp.far_ledger_stage_contributions c JOIN s ON s.event_id = c.event_id
+    ON CONFLICT DO NOTHING
+), t AS (
+    INSERT INTO far_ledger_transactions (txn_id, kind, request_id, description, occurred_at)
+    SELECT o.event_id, 'settlement', o.request_id, o.description, o.finished_at
+    FROM pg_temp.far_ledger_stage_sessions o JOIN s ON s.event_id = o.event_id
+    ORDER BY o.ord
+    ON CONFLICT DO NOTHING
+    RETURNING txn_id
+), posted AS MATERIALIZED (
+    SELECT o.* FROM pg_temp.far_ledger_stage_sessions o JOIN t ON t.txn_id = o.event_id
+), e AS (
+    INSERT INTO far_ledger_entries (txn_id, account_id, side, amount, contribution_id)
+    SELECT txn_id, account_id, side, amount, contribution_id FROM (
+        SELECT p.ord, 0::bigint AS k, p.event_id AS txn_id, p.account_id, 'debit' AS side, p.cost AS amount,
+            NULL::uuid AS contribution_id
+        FROM posted p WHERE p.cost > 0
+        UNION ALL
+        SELECT p.ord, 1 + c.ord::bigint, p.event_id, c.node_account, 'credit', c.earnings, c.contribution_id
+        FROM posted p JOIN pg_temp.far_ledger_stage_contributions c ON c.event_id = p.event_id
+        WHERE c.earnings > 0
+        UNION ALL
+        SELECT p.ord, 9223372036854775807, p.event_id, $1::uuid, 'credit', p.platform_fee, NULL
+        FROM posted p WHERE p.platform_fee > 0
+    ) entries ORDER BY ord, k
+), r AS (
+    UPDATE far_reservations r
+    SET status = p.reservation_status, charged = p.cost, settlement_txn = p.event_id, closed_at = now(),
+        reason = p.reservation_reason
+    FROM posted p
+    -- ANY(ARRAY(...)): the reservations are found by their primary key, never by a scan of the table
+    WHERE r.request_id = ANY(ARRAY(SELECT request_id FROM posted)) AND r.request_id = p.request_id
+)
+SELECT ARRAY(SELECT event_id FROM s) AS inserted, ARRAY(SELECT txn_id FROM t) AS posted,
+       (SELECT count(*) FROM c) AS contributions
 """
 
 
@@ -82,77 +126,72 @@ class Recorded:
     credited: tuple[Contribution, ...] = ()
 
 
-def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    return [list(col) for col in zip(*rows)] if rows else []
+def _staged_rows(outcomes: Sequence[SessionOutcome]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The staging rows of the outcomes and of their contributions, in batch order."""
+    sessions: list[tuple[Any, ...]] = []
+    contributions: list[tuple[Any, ...]] = []
+    for n, o in enumerate(outcomes):
+        completed = isinstance(o, InferenceCompleted)
+        sessions.append((
+            n, o.event_id, o.request_id, o.model, o.status, o.prompt_tokens, o.completion_tokens, o.completion,
+            o.finish_reason if completed else None, None if completed else o.error,  # type: ignore[union-attr]
+            o.price_per_token, o.cost_far, o.started_at, o.finished_at, o.worker, o.account_id, o.platform_fee_far,
+            f"{o.type} {o.completion_tokens} tokens", "settled" if completed else "released",
+            None if completed else f"session {o.status}: charged {o.completion_tokens} delivered tokens"))
+        contributions += [(len(contributions) + i, o.event_id, o.request_id, o.model, c.contribution_id, c.peer_id,
+                           accounts.node_account_id(c.peer_id), c.start_block, c.end_block, c.tokens_processed,
+                           c.earnings_far, o.finished_at)
+                          for i, c in enumerate(o.contributions)]
+    return sessions, contributions
 
 
 async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:
-    """Record sessions with their contributions in one transaction.
+    """Record sessions with their contributions, settlements and closed reservations in one transaction.
 
     The first outcome of a request wins; a later one (a redelivered request that ran again, or a
     replayed event) records nothing, so the ledger never changes on redelivery.
     """
     if not outcomes:
         return Recorded(0, 0, 0)
-    session_rows = [
-        (o.request_id, o.event_id, o.model, o.status,
-         o.prompt_tokens, o.completion_tokens, o.completion,
-         o.finish_reason if isinstance(o, InferenceCompleted) else None,
-         None if isinstance(o, InferenceCompleted) else o.error,
-         o.price_per_token, o.cost_far, o.started_at, o.finished_at, o.worker, o.account_id, o.platform_fee_far)
-        for o in outcomes
-    ]
-    async with conn.transaction():
-        inserted = {r["event_id"] for r in await conn.fetch(_INSERT_SESSIONS, *_columns(session_rows))}
-        # One winner per recorded event id: the same outcome delivered twice in one batch counts once.
-        winners = list({o.event_id: o for o in outcomes if o.event_id in inserted}.values())
-        contribution_rows = [
-            (c.contribution_id, o.request_id, o.model, c.peer_id, c.start_block, c.end_block,
-             c.tokens_processed, c.earnings_far, o.finished_at)
-            for o in winners for c in o.contributions
-        ]
-        status = await conn.execute(_INSERT_CONTRIBUTIONS, *_columns(contribution_rows)) if contribution_rows else "INSERT 0 0"
-        settled, released, posted = await _settle(conn, winners)
-    return Recorded(len(inserted), int(status.split()[-1]), len(outcomes) - len(inserted), settled, released,
+    # The same event delivered twice in one batch is staged once (its copies would win together).
+    staged = list({(o.event_id, o.request_id): o for o in reversed(outcomes)}.values())[::-1]
+    sessions, contributions = _staged_rows(staged)
+    async with _transaction(conn):
+        await conn.copy_records_to_table("far_ledger_stage_sessions", schema_name="pg_temp", records=sessions,
+                                         columns=_SESSION_COLUMNS)
+        if contributions:
+            await conn.copy_records_to_table("far_ledger_stage_contributions", schema_name="pg_temp",
+                                             records=contributions, columns=_CONTRIBUTION_COLUMNS)
+        result = await conn.fetchrow(_RECORD, accounts.PLATFORM_ACCOUNT)
+    inserted, posted = set(result["inserted"]), set(result["posted"])
+    winners = [o for o in staged if o.event_id in inserted]
+    settled = sum(1 for o in winners if o.event_id in posted and isinstance(o, InferenceCompleted))
+    released = sum(1 for o in winners if o.event_id in posted) - settled
+    return Recorded(len(inserted), result["contributions"], len(outcomes) - len(inserted), settled, released,
                     _credited(winners, posted))
+
+
+@contextlib.asynccontextmanager
+async def _transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction with the staging tables: BEGIN and CREATE ... IF NOT EXISTS in one round trip."""
+    if conn.is_in_transaction():  # the caller's transaction: a savepoint, as conn.transaction() nests
+        async with conn.transaction():
+            await conn.execute(_STAGE)
+            yield
+        return
+    await conn.execute("BEGIN;" + _STAGE)
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
 
 
 def _credited(winners: Sequence[SessionOutcome], posted: set[Any]) -> tuple[Contribution, ...]:
     """The contributions of the outcomes whose settlement this batch posted."""
     return tuple(c for o in winners if o.event_id in posted for c in o.contributions)
-
-
-async def _settle(conn: asyncpg.Connection, winners: Sequence[SessionOutcome]) -> tuple[int, int, set[Any]]:
-    """Post each new session's settlement and close its reservation (inside the caller's transaction).
-
-    Returns (settled, released, the event ids whose settlement was posted now)."""
-    if not winners:
-        return 0, 0, set()
-    peers = sorted({c.peer_id for o in winners for c in o.contributions})
-    if peers:
-        await conn.execute(_INSERT_NODE_ACCOUNTS, [accounts.node_account_id(p) for p in peers], peers)
-    txns = [(o.event_id, o.request_id, f"{o.type} {o.completion_tokens} tokens", o.finished_at) for o in winners]
-    posted = {r["txn_id"] for r in await conn.fetch(_INSERT_TRANSACTIONS, *_columns(txns))}
-    entries: list[tuple[Any, ...]] = []
-    for o in winners:
-        if o.event_id not in posted:
-            continue
-        if o.cost_far > 0:
-            entries.append((o.event_id, o.account_id, "debit", o.cost_far, None))
-        entries += [(o.event_id, accounts.node_account_id(c.peer_id), "credit", c.earnings_far, c.contribution_id)
-                    for c in o.contributions if c.earnings_far > 0]
-        if o.platform_fee_far > 0:
-            entries.append((o.event_id, accounts.PLATFORM_ACCOUNT, "credit", o.platform_fee_far, None))
-    if entries:
-        await conn.execute(_INSERT_ENTRIES, *_columns(entries))
-    closing = [
-        (o.request_id, "settled" if isinstance(o, InferenceCompleted) else "released", o.cost_far, o.event_id,
-         None if isinstance(o, InferenceCompleted) else f"session {o.status}: charged {o.completion_tokens} delivered tokens")
-        for o in winners if o.event_id in posted
-    ]
-    await conn.execute(_CLOSE_RESERVATIONS, *_columns(closing))
-    settled = sum(1 for c in closing if c[1] == "settled")
-    return settled, len(closing) - settled, posted
 
 
 async def fetch_session(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> dict[str, Any] | None:

@@ -83,9 +83,13 @@ async def reject_reasons(conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequ
     if not outcomes:
         return {}
     ids = [c.contribution_id for o in outcomes for c in o.contributions]
-    owners = {r["id"]: r["request_id"] for r in await conn.fetch(
-        f"SELECT {id_column} AS id, request_id FROM {contributions_table} WHERE {id_column} = ANY($1::uuid[])", ids)}
-    return reasons_for(outcomes, await known_clients(conn, outcomes), owners)
+    # One round trip: the owners of the contribution ids, then the known clients among the accounts named.
+    rows = await conn.fetch(
+        f"SELECT true AS owned, {id_column} AS id, request_id FROM {contributions_table} WHERE {id_column} = ANY($1::uuid[]) "
+        "UNION ALL SELECT false, account_id, NULL FROM far_accounts WHERE kind = 'client' AND account_id = ANY($2::uuid[])",
+        ids, list({o.account_id for o in outcomes}))
+    owners = {r["id"]: r["request_id"] for r in rows if r["owned"]}
+    return reasons_for(outcomes, {r["id"] for r in rows if not r["owned"]}, owners)
 
 
 async def outcomes_of(broker: Any, group: str, message: Any) -> tuple[list[Any], list[SessionOutcome], list[Any]]:
