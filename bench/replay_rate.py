@@ -109,8 +109,10 @@ async def main(sessions: int, rounds: int) -> int:
                     await conn.close()
         finally:
             broker.stop()
-    raw, rebuilt = statistics.median(raw_rates), statistics.median(replay_rates)
-    say(f"median: raw {raw:,.0f} records/s, replay {rebuilt:,.0f} records/s")
+    # The raw reader sometimes stalls ~0.5 s on the dev broker's fetch wait: its fastest round is the baseline,
+    # so a stall never flatters the ratio.
+    raw, rebuilt = max(raw_rates), statistics.median(replay_rates)
+    say(f"baseline: fastest raw {raw:,.0f} records/s; median replay {rebuilt:,.0f} records/s")
     return finish(ratio(rebuilt, raw), TARGET)
 
 
