@@ -180,8 +180,9 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
     cancellations = Cancellations()
 
     # No consumer group: every worker hears every cancellation and stops the request if it runs it.
-    # Short fetch waits: a cancellation must stop generation within one token, a request start at once.
-    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=fetch_wait_ms,
+    # Fetch waits: a request must start at once (fetch_wait_ms, see Settings.latency_fetch_wait_ms); a
+    # cancellation within one token (tens of ms), so 10 ms spares the CPU an idle dev-broker consumer burns.
+    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=max(fetch_wait_ms, 10),
                        title="worker-control",
                        description="Cancellations: stop a request whose client went away")
     async def on_cancel(event: InferenceCancelled) -> None:
