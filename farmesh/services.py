@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
 
 import asyncpg
 import uvicorn
+from faststream import BaseMiddleware
 from faststream.asgi import AsgiFastStream, make_ping_asgi
 from prometheus_client import CollectorRegistry, make_asgi_app
 
@@ -94,6 +97,47 @@ def _background(*jobs: Callable[[], Awaitable[None]]) -> tuple[Callable[[], Awai
     return start, stop
 
 
+async def wait_for_database(pool: asyncpg.Pool, max_wait: float, max_pause: float = 2.0) -> bool:
+    """Until `pool`'s database answers (True) or `max_wait` seconds have passed (False), probing with growing pauses."""
+    loop = asyncio.get_running_loop()
+    deadline, pause, logged = loop.time() + max_wait, 0.1, False
+    while True:
+        try:
+            async with asyncio.timeout(max_pause):
+                await pool.fetchval("SELECT 1")
+            return True
+        except Exception as exc:  # noqa: BLE001 - refused, reset, shutting down, starting up, timed out: "not yet"
+            if not logged:
+                log.warning("database unreachable (%s: %s); holding the batch until it answers",
+                            type(exc).__name__, str(exc)[:200])
+                logged = True
+        if loop.time() + pause > deadline:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, max_pause)
+
+
+class DatabaseWait(BaseMiddleware):
+    """A batch whose handling failed while the database is unreachable waits (up to `max_wait` s) for the database
+    to answer again before the error rewinds it (NACK: its offsets are not committed, the batch is redelivered).
+
+    Without it a database outage turned into a retry storm: the batch was refetched and failed again at once,
+    dozens of times a second, each with a traceback. When the database does answer, nothing waits: the error
+    is not the database's, and the batch is rewound at once as before.
+    """
+
+    def __init__(self, msg: Any, /, *, context: Any, pool: asyncpg.Pool, max_wait: float = 60.0) -> None:
+        super().__init__(msg, context=context)
+        self.pool, self.max_wait = pool, max_wait
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        try:
+            return await call_next(msg)
+        except Exception:
+            await wait_for_database(self.pool, self.max_wait)
+            raise
+
+
 async def _run_database_consumer(settings: Settings, host: str, port: int, group: str, topic: str,
                                  register: Callable[..., Sequence[Callable[[], Awaitable[None]]] | None]) -> None:
     """Serve a consumer group that writes to PostgreSQL; `register` may return background jobs to run with it."""
@@ -102,6 +146,7 @@ async def _run_database_consumer(settings: Settings, host: str, port: int, group
     try:
         registry = CollectorRegistry()
         broker = messaging.create_broker(settings.kafka_bootstrap, group, registry)
+        broker.add_middleware(partial(DatabaseWait, pool=pool))  # a database outage holds the batch, then rewinds it
         start, stop = _background(*(register(broker, pool, registry) or ()))
         app = _consumer_app(broker, registry, settings, group, topic, after_startup=[start], on_shutdown=[stop])
         await _serve(app, host, port, group)

@@ -153,3 +153,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from farmesh.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str):
+    """A loopback Petals swarm (DHT + two nodes) for the session (tests/support/swarm.py); end-to-end tests and
+    fault drills share it. A test that stops a node must run after every test that needs the full swarm."""
+    from tests.support.swarm import running_swarm
+
+    with running_swarm(tiny_model_dir, tmp_path_factory.mktemp("swarm"), kafka_bootstrap) as swarm:
+        yield swarm
