@@ -7,9 +7,11 @@ import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from consumers.ledger.repository import record_outcomes
+from db.migrate import migrate
 from farmesh import accounts, money
 from tests.support.money import audit_breaks, outcome
 
@@ -17,6 +19,17 @@ pytestmark = pytest.mark.integration
 
 _TABLES = ("far_mesh_sessions", "far_session_contributions", "far_ledger_transactions", "far_ledger_entries",
            "far_accounts")
+
+
+@pytest.fixture
+async def db_pool(empty_database_url):
+    """A database of this module's own: the snapshots and the audit cover whole tables."""
+    await migrate(empty_database_url)
+    pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 async def _snapshot(conn) -> dict[str, list]:
