@@ -7,6 +7,7 @@ Everything here blocks (Petals runs its own event-loop thread); async callers us
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,20 @@ class _TextStream:
 
 
 def _record_server_sessions(session: InferenceSession, into: list[_ServerInferenceSession]) -> None:
-    """Keep every per-server session `session` creates, including replacements made after a server failure."""
-    enter = session._enter_server_sessions
+    """Keep every per-server session `session` creates, including replacements made after a server failure.
+
+    The recorder holds the session only weakly: a strong reference would make a cycle that only the cyclic
+    garbage collector frees, on whatever thread it happens to run. On Petals' event-loop thread a session's
+    __del__ (close() blocks on that very loop) would then deadlock.
+    """
+    owner = weakref.ref(session)
+    enter = type(session)._enter_server_sessions
 
     def recording_enter(chosen_spans: list[RemoteSpanInfo]) -> list[_ServerInferenceSession]:
-        created = enter(chosen_spans)
+        live = owner()
+        if live is None:
+            raise RuntimeError("the inference session is gone")
+        created = enter(live, chosen_spans)
         into.extend(created)
         return created
 
