@@ -9,12 +9,10 @@ import contextlib
 import math
 import os
 import platform
-import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 ADMIN_URL = os.environ.get("FARMESH_BENCH_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres")
 
@@ -80,36 +78,19 @@ def stopwatch() -> Iterator[list[float]]:
         box.append(time.perf_counter() - start)
 
 
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
 @contextlib.asynccontextmanager
 async def scratch_database(prefix: str, admin_url: str = ADMIN_URL, migrated: bool = True) -> AsyncIterator[str]:
     """A new database with a unique name (migrated with db/migrate.py), dropped afterwards."""
-    import asyncpg
-
     from db.migrate import migrate
+    from db.scratch import create_database, drop_database
 
-    name = f"{prefix}_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(admin_url, name)
+    url = await create_database(admin_url, prefix)
     try:
         if migrated:
             await migrate(url)
         yield url
     finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            await admin.close()
+        await drop_database(admin_url, url)
 
 
 def median(values: Sequence[float]) -> float:

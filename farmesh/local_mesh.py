@@ -52,8 +52,9 @@ async def _request_id_used(database_url: str, request_id: str) -> bool:
         await conn.close()
 
 
-class Stopped(Exception):
-    """SIGTERM/SIGINT arrived."""
+class Stopped(BaseException):
+    """SIGTERM/SIGINT arrived. A BaseException, like KeyboardInterrupt: library retry loops that catch every
+    Exception (Petals' inference step does) must not swallow it."""
 
 
 def _raise_stopped(signum: int, _frame: object) -> None:

@@ -6,6 +6,7 @@ tests/unit/test_petals_compat.py that fails once upstream changes so the adaptat
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import inspect
@@ -87,6 +88,7 @@ def install() -> None:
     _patch_p2p_create()
     _disable_version_check()
     _fix_inference_failover()
+    _close_sessions_without_deadlock()
 
 
 def _restore_hivemind_reexports() -> None:
@@ -170,6 +172,46 @@ def _fix_inference_failover() -> None:
     server_session_step.__farmesh_failover__ = True  # type: ignore[attr-defined]
     module._ServerInferenceSession.step = server_session_step
     module.InferenceSession.step = step
+
+
+# --------------------------------------------------------------------------- closing on Petals' own loop
+
+_closing: set[Any] = set()  # closes scheduled on Petals' loop, kept until done (a task must be referenced)
+
+
+def _close_sessions_without_deadlock() -> None:
+    """A per-server session closed on Petals' own event-loop thread closes in the background instead of hanging.
+
+    _ServerInferenceSession.close() blocks until RemoteExpertWorker's loop has run the closing coroutine. When a
+    replaced session (a server failed mid-generation) loses its last reference while that loop runs — its
+    __del__ then runs on the loop thread — close() waits for the loop it is blocking: the client hangs for ever.
+    Seen here: a worker's generation stuck in InferenceSession._update_sequence for minutes.
+    """
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client import inference_session as module
+
+    original = module._ServerInferenceSession.close
+    if getattr(original, "__farmesh_no_deadlock__", False):
+        return
+
+    @functools.wraps(original)
+    def close(self: Any) -> None:
+        if self._outputs_stream is None or threading.current_thread() is not RemoteExpertWorker._event_thread:
+            return original(self)
+
+        async def finish() -> None:
+            try:
+                await self._aclose_stream()
+            finally:
+                self._outputs_stream = self._inputs_queue = None
+
+        self.closed = True
+        task = asyncio.get_event_loop().create_task(finish())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    close.__farmesh_no_deadlock__ = True  # type: ignore[attr-defined]
+    module._ServerInferenceSession.close = close
 
 
 # --------------------------------------------------------------------------- route preference (node registry)

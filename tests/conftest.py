@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from db import scratch
 from db.migrate import migrate
+from db.scratch import drop_database
 from farmesh.local_services import start_broker, start_postgres
 
 LOCAL_POSTGRES_URL = "postgresql://127.0.0.1:5432/postgres"
@@ -41,12 +41,6 @@ def docker_available() -> bool:
         return False
 
 
-def with_database(url: str, database: str) -> str:
-    """`url` pointing at `database` instead (query options such as host=/socket are kept)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
 async def _answers(url: str) -> bool:
     try:
         conn = await asyncpg.connect(url, timeout=3)
@@ -58,25 +52,7 @@ async def _answers(url: str) -> bool:
 
 async def create_database(admin_url: str, prefix: str = "farmesh_test") -> str:
     """Create an empty database with a random name on `admin_url`'s server; returns its URL."""
-    name = f"{prefix}_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return with_database(admin_url, name)
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
+    return await scratch.create_database(admin_url, prefix)
 
 
 @pytest.fixture(scope="session")

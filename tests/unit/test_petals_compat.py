@@ -208,3 +208,76 @@ def test_failover_fix_is_installed_once_on_both_session_classes() -> None:
     assert _ServerInferenceSession.step.__farmesh_failover__
     assert not hasattr(_ServerInferenceSession.step.__wrapped__, "__wrapped__")  # wrapped exactly once
     assert InferenceSession.step.__wrapped__.__qualname__ == "InferenceSession.step"
+
+
+def _open_server_session(stream_ended: Any) -> Any:
+    """A _ServerInferenceSession with an open stream (no server): closing it sends the end request and reads once."""
+    import asyncio
+
+    from petals.client.inference_session import _ServerInferenceSession
+
+    session = object.__new__(_ServerInferenceSession)
+
+    async def outputs() -> Any:
+        stream_ended.set()
+        if False:
+            yield None
+
+    session._inputs_queue, session._outputs_stream = asyncio.Queue(), outputs()
+    session.stepped, session.closed = True, False
+    return session
+
+
+def _close_on_petals_loop(close: Any, timeout: float) -> Any:
+    """Call `close(session)` from a coroutine running on RemoteExpertWorker's loop, as a __del__ there would."""
+    import asyncio
+    import threading
+
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    ended = threading.Event()
+
+    async def closing_inside_the_loop() -> Any:
+        session = _open_server_session(ended)
+        close(session)
+        return session
+
+    future = RemoteExpertWorker.run_coroutine(closing_inside_the_loop(), return_future=True)
+    session = future.result(timeout)
+    assert ended.wait(timeout)
+    for _ in range(100):  # the background close finishes on the loop
+        if session._outputs_stream is None:
+            break
+        RemoteExpertWorker.run_coroutine(asyncio.sleep(0.01))
+    return session
+
+
+def test_upstream_close_on_petals_own_loop_still_deadlocks() -> None:
+    """If this stops hanging, upstream closes without blocking its own loop and _close_sessions_without_deadlock can
+    go. In a child process: the hang takes Petals' process-wide loop with it."""
+    import subprocess
+    import sys
+
+    script = (
+        "from farmesh import petals_compat\n"
+        "petals_compat.install()\n"
+        "from petals.client.inference_session import _ServerInferenceSession\n"
+        "from tests.unit.test_petals_compat import _close_on_petals_loop\n"
+        "_close_on_petals_loop(_ServerInferenceSession.close.__wrapped__, timeout=3)\n"
+        "print('closed')\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert "closed" not in child.stdout
+    assert "TimeoutError" in child.stderr, child.stderr[-2000:]
+
+
+def test_a_session_closed_on_petals_own_loop_closes_in_the_background() -> None:
+    petals_compat.install()
+    petals_compat.install()
+    from petals.client.inference_session import _ServerInferenceSession
+
+    assert _ServerInferenceSession.close.__farmesh_no_deadlock__
+    assert not hasattr(_ServerInferenceSession.close.__wrapped__, "__wrapped__")  # wrapped exactly once
+    session = _close_on_petals_loop(_ServerInferenceSession.close, timeout=5)
+    assert session.closed and session._outputs_stream is None and session._inputs_queue is None

@@ -258,6 +258,16 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if i != self.eos_token_id)
 
 
+class ScriptedSession:
+    """The parts of petals' InferenceSession generate_stream uses (a class: the recorder wraps its method)."""
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.step = step
+
+    def _enter_server_sessions(self, chosen_spans: list) -> list:
+        return []
+
+
 class ScriptedModel:
     """A 'distributed model' whose head predicts a script: one-hot logits, or random ones once the script ends."""
 
@@ -269,9 +279,8 @@ class ScriptedModel:
                                            h=SimpleNamespace(inference_session=self._session))
 
     @contextlib.contextmanager
-    def _session(self, max_length: int) -> Iterator[SimpleNamespace]:
-        session = SimpleNamespace(step=self._step, _enter_server_sessions=lambda spans: [])
-        yield session
+    def _session(self, max_length: int) -> Iterator[ScriptedSession]:
+        yield ScriptedSession(self._step)
 
     def _step(self, embeddings: torch.Tensor) -> torch.Tensor:
         return embeddings
