@@ -6,6 +6,7 @@ prompt's words backwards, a token every few ms) so every client can check it rec
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -43,9 +44,14 @@ class EchoGenerator:
     def __init__(self, delay: float = 0.005) -> None:
         self.delay = delay
         self.runs: list[str] = []
+        self.running = self.peak = 0  # generations at once in this worker, and the most seen
+        self._lock = threading.Lock()
 
     def generate_stream(self, prompt, max_new_tokens, on_token, sampling=None, seed_key=""):
-        self.runs.append(seed_key)
+        with self._lock:
+            self.runs.append(seed_key)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
         tokens = echo_tokens(prompt, max_new_tokens)
         emitted = 0
         try:
@@ -57,6 +63,9 @@ class EchoGenerator:
             stopped = RuntimeError(f"generation failed after {emitted} tokens: {exc!r}")
             stopped.partial = self._result(tokens[:emitted], "error")
             raise stopped from exc
+        finally:
+            with self._lock:
+                self.running -= 1
         return self._result(tokens, "length" if len(tokens) == max_new_tokens else "stop")
 
     @staticmethod
@@ -217,6 +226,9 @@ async def test_two_gateways_two_workers_twenty_concurrent_streams_each_get_their
         assert all(got == expected for got, expected in results)
         await settled(env)
         assert all(g.runs for g in mesh.generators), "both workers ran requests"
+        # Concurrent generations in one worker, never more than its concurrency (3 partitions over 4 consumers:
+        # one worker may hold a single partition).
+        assert max(g.peak for g in mesh.generators) == 2 and all(g.peak <= 2 for g in mesh.generators)
         assert await audit_breaks(env.pool) == []
 
 
