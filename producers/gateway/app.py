@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consumers.ledger.repository import fetch_session
 from farmesh import accounts, messaging, money
@@ -120,8 +121,8 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
             return openai_api.validation_response(exc)
         return await request_validation_exception_handler(request, exc)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # Starlette's: also what FastAPI raises for an unparsable body
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if request.url.path.startswith("/v1/"):
             return JSONResponse(openai_api.error_body(exc.status_code, str(exc.detail), None),
                                 status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -133,6 +133,82 @@ class ChatCompletionRequest(_Common):
         return self
 
 
+# Response shapes, for the OpenAPI document only (the handlers build OpenAI's objects themselves).
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["length", "stop"]
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion; with `stream: true` the answer is text/event-stream `chat.completion.chunk`s."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChoice]
+    usage: UsageOut
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["length", "stop"]
+
+
+class Completion(BaseModel):
+    """A whole text completion; with `stream: true` the answer is text/event-stream `text_completion` chunks."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[TextChoice]
+    usage: UsageOut
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# With `stream: true`: OpenAI's SSE chunks (JSON objects, one per `data:` line), then `data: [DONE]`.
+_STREAM: dict[str, Any] = {"text/event-stream": {}}
+
 RouteCheck = Callable[[], Awaitable[bool]]
 
 
@@ -167,15 +243,14 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
                                            ended.status), status_code=status)
         return shape.whole(text, ended)
 
-    limits = {400: {"description": "invalid parameters (OpenAI error JSON)"},
-              401: {"description": "missing, unknown or revoked API key"},
-              402: {"description": "balance below max_tokens x price"},
-              404: {"description": "unknown model"},
-              409: {"description": "Idempotency-Key used by another account"},
-              422: {"description": "Idempotency-Key reused with other parameters"},
-              429: {"description": "the model's queue is full (Retry-After)"},
-              502: {"description": "the generation failed (charged only the tokens delivered)"},
-              504: {"description": "the request expired: no worker started it before its deadline (not charged)"}}
+    limits: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": description} for status, description in (
+            (400, "invalid parameters"), (401, "missing, unknown or revoked API key"),
+            (402, "balance below max_tokens x price"), (404, "unknown model"),
+            (409, "Idempotency-Key used by another account"), (422, "Idempotency-Key reused with other parameters"),
+            (429, "the model's queue is full (Retry-After)"),
+            (502, "the generation failed (charged only the tokens delivered)"),
+            (504, "the request expired: no worker started it before its deadline (not charged)"))}
 
     model = submitter.models[0]
     text_examples = {"stream": {"summary": "a streamed completion", "value": {
@@ -191,7 +266,7 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
             "model": model, "messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 8,
             "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 7}}}
 
-    @api.post("/completions", responses=limits)
+    @api.post("/completions", responses={200: {"model": Completion, "content": _STREAM}, **limits})
     async def completions(body: CompletionRequest = Body(openapi_examples=text_examples),
                           authorization: str | None = Header(default=None),
                           idempotency_key: str | None = Header(default=None),
@@ -199,7 +274,7 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         max_tokens = body.max_tokens or 16  # OpenAI's default for completions
         return await run("text", body, body.prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 
-    @api.post("/chat/completions", responses=limits)
+    @api.post("/chat/completions", responses={200: {"model": ChatCompletion, "content": _STREAM}, **limits})
     async def chat_completions(body: ChatCompletionRequest = Body(openapi_examples=chat_examples),
                                authorization: str | None = Header(default=None),
                                idempotency_key: str | None = Header(default=None),
@@ -208,7 +283,7 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         max_tokens = body.max_completion_tokens or body.max_tokens or submitter.settings.max_new_tokens
         return await run("chat", body, prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 
-    @api.get("/models")
+    @api.get("/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         """The models the swarm can serve end to end right now (every block online)."""
         try:
@@ -218,7 +293,8 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "farmesh"} for m in submitter.models if servable]}
 
-    @api.get("/models/{model_id}", responses={404: {"description": "unknown model"}})
+    @api.get("/models/{model_id}", response_model=ModelCard,
+             responses={404: {"model": ErrorBody, "description": "unknown model"}})
     async def model(model_id: str) -> Any:
         if model_id not in submitter.models:
             return JSONResponse(error_body(404, f"model {model_id!r} does not exist", "model_not_found", "model"),

@@ -33,13 +33,18 @@ async def test_the_openapi_document_is_complete_and_fuzzing_it_yields_no_5xx(env
         for path in ("/v1/completions", "/v1/chat/completions", "/api/inference/generate"):
             assert {"400" if path.startswith("/v1") else "422", "401", "402", "404", "429"} <= \
                 set(document["paths"][path]["post"]["responses"]), path
+        for path, shape in (("/v1/completions", "Completion"), ("/v1/chat/completions", "ChatCompletion")):
+            ok = document["paths"][path]["post"]["responses"]["200"]["content"]
+            assert ok["application/json"]["schema"]["$ref"].endswith(f"/{shape}") and "text/event-stream" in ok
+            assert document["paths"][path]["post"]["responses"]["429"]["content"]["application/json"]["schema"][
+                "$ref"].endswith("/ErrorBody")
 
         st = Path(sys.executable).with_name("st")
         # A thread, not asyncio's subprocess API: that needs a child watcher, which uvloop's policy (set by other
         # tests' servers) does not provide.
         process = await asyncio.to_thread(
             subprocess.run,
-            [str(st), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
+            [str(st), "run", f"{url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
              "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic", "--request-timeout", "30",
              "--workers", "1", "--header", f"Authorization: Bearer {mesh.key}",
              "--exclude-path", "/status"],  # an HTML page (rendered by a browser test)
