@@ -20,6 +20,7 @@ class ReplyStream:
         self.request_id = request_id
         self.events: list[ReplyEvent] = []
         self.readers = 0
+        self.first_token_seen = False  # the gateway's time-to-first-token metric counts each request once
         self._next_index = 0
         self._arrived = asyncio.Event()
 

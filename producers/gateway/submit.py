@@ -168,6 +168,7 @@ class Submitter:
         return prompt_tokens
 
     async def submit(self, ask: Ask, authorization: str | None) -> Live | Finished:
+        received = time.monotonic()  # time to first token counts from here: checks and reservation included
         try:
             self.check(ask)
         except Refused:
@@ -212,7 +213,7 @@ class Submitter:
             raise Refused(503, "service_unavailable", "the request could not be queued; retry shortly",
                           headers={"Retry-After": "1"}) from exc
         self.metrics.requests.labels("accepted").inc()
-        return Live(ask.request_id, stream)
+        return Live(ask.request_id, stream, started=received)
 
     async def _existing(self, existing: accounts.Existing) -> Live | Finished:
         """The answer to a repeated request: its live stream here, else its recorded session."""
@@ -252,7 +253,8 @@ class Submitter:
         try:
             async for event in stream.follow(self.stream_timeout):
                 if isinstance(event, TokenChunk):
-                    if event.index == 0 and stream.readers == 1:
+                    if event.index == 0 and not stream.first_token_seen:  # once per request, by its first reader
+                        stream.first_token_seen = True
                         self.metrics.first_token.observe(time.monotonic() - live.started)
                     self.metrics.tokens.inc()
                 yield event

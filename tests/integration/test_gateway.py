@@ -78,6 +78,9 @@ async def test_plan_request_streams_tokens_and_is_recorded(mesh):
     # the same id for another request is refused with a clear message
     status, body = await generate(client, {"prompt": "Hello", "max_tokens": 3, "request_id": rid})
     assert status == 422 and body["error"] == "parameters_differ" and rid in body["detail"]
+    # time to first token was observed once: for the generated request, not for its replay
+    metrics = (await client.get("/metrics/")).text
+    assert "farmesh_gateway_time_to_first_token_seconds_count 1.0" in metrics
 
 
 @pytest.mark.parametrize("body, fragment", [
