@@ -42,7 +42,7 @@ async def produce(bootstrap: str, account_id, sessions: int) -> int:
         for i in range(sessions):
             for event in session_events(i, account_id):
                 sent.append(await producer.send(topics.SESSIONS.name, wire(event), key=event.request_id.encode(),
-                                                headers=[("event-type", event.type.encode())]))
+                                                headers=[(topics.EVENT_TYPE_HEADER, event.type.encode())]))
         await producer.flush()
         await asyncio.gather(*sent)
         return len(sent)

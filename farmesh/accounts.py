@@ -274,7 +274,6 @@ class Existing:
 
     request_id: str
     status: str  # open | settled | released
-    reply_topic: str | None
     deadline: datetime | None
 
 
@@ -301,7 +300,7 @@ class QueueFull(AccountError):
 
 @dataclass(frozen=True)
 class Reservation:
-    """What reserve() needs besides the key: one request's identity, price, bounds and reply route."""
+    """What reserve() needs besides the key: one request's identity, price and bounds."""
 
     request_id: str
     model: str
@@ -310,7 +309,6 @@ class Reservation:
     fee_rate: Decimal
     request_hash: str | None = None  # sha256 of the parameters (None: not checked)
     deadline: datetime | None = None  # a request not started by then is never run; after it, not pending
-    reply_topic: str | None = None
     max_pending: int | None = None  # per model, over every gateway (None: unbounded)
     retry_after: int = 1
 
@@ -329,9 +327,9 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
         raise Unauthorized("missing API key: send `Authorization: Bearer KEY`")
     amount = pricing.reservation_amount(request.max_tokens, money.to_base_units(request.price))
     row = await pool.fetchrow(
-        "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         hash_key(key), request.request_id, request.model, request.max_tokens, request.price, request.fee_rate,
-        money.to_far(amount), request.request_hash, request.deadline, request.reply_topic, request.max_pending)
+        money.to_far(amount), request.request_hash, request.deadline, request.max_pending)
     outcome = row["outcome"]
     if outcome == "unknown_key":
         raise Unauthorized("unknown API key")
@@ -343,8 +341,7 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
         raise ParametersDiffer(f"request_id {request.request_id!r} was already used for a request with other "
                                "parameters; use a new request_id / Idempotency-Key")
     if outcome == "already":
-        raise AlreadyRequested(Existing(request.request_id, row["existing_status"], row["existing_reply_topic"],
-                                        row["existing_deadline"]))
+        raise AlreadyRequested(Existing(request.request_id, row["existing_status"], row["existing_deadline"]))
     if outcome == "queue_full":
         raise QueueFull(request.model, row["pending"], request.retry_after)
     if outcome == "insufficient":

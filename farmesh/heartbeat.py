@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from schemas import topics
 from schemas.events import DeviceInfo, NodeHeartbeat
 
 log = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ class HeartbeatPublisher:
             self._producer = producer
         await self._producer.send_and_wait(
             self.topic, event.model_dump_json().encode("utf-8"), key=event.peer_id.encode("ascii"),
-            headers=[("event-type", event.type.encode("ascii"))],
+            headers=[(topics.EVENT_TYPE_HEADER, event.type.encode("ascii"))],
         )
 
     async def _drop_producer(self) -> None:

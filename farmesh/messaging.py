@@ -114,7 +114,7 @@ def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **k
 
 
 async def publish(broker: KafkaBroker, topic: str, event: Event, key: str) -> None:
-    await broker.publish(event, topic, key=key.encode(), headers={"event-type": event.type})  # type: ignore[attr-defined]
+    await broker.publish(event, topic, key=key.encode(), headers={topics.EVENT_TYPE_HEADER: event.type})  # type: ignore[attr-defined]
 
 
 async def ensure_topics(

@@ -143,7 +143,7 @@ async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, p
 
 
 # The header every producer (farmesh.messaging.publish) puts on a node.contribution record.
-_CONTRIBUTION_HEADER = ("event-type", b"node.contribution")
+_CONTRIBUTION_HEADER = (topics.EVENT_TYPE_HEADER, b"node.contribution")
 
 
 async def replay(conn: asyncpg.Connection, bootstrap: str, since: datetime | None = None) -> Replayed:

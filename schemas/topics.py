@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from schemas import events
 
 
+# Every record of ours names its event type (`type`) in this header, so a reader can skip a type unparsed.
+EVENT_TYPE_HEADER = "event-type"
+
+
 @dataclass(frozen=True)
 class Topic:
     name: str

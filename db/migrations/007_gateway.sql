@@ -10,10 +10,9 @@ ALTER TABLE far_mesh_sessions ADD CONSTRAINT far_mesh_sessions_status_check
 -- request_hash: SHA-256 of what was asked (endpoint, model, prompt, sampling, max_tokens), so a repeated
 -- request_id / Idempotency-Key with other parameters is refused instead of answered with another result.
 -- deadline: when a worker must have started it; an open reservation past its deadline no longer counts as
--- pending. reply_topic: the asking gateway's reply topic (a retry on that gateway joins the live stream).
+-- pending.
 ALTER TABLE far_reservations ADD COLUMN request_hash TEXT NULL CHECK (request_hash ~ '^[0-9a-f]{64}$');
 ALTER TABLE far_reservations ADD COLUMN deadline TIMESTAMPTZ NULL;
-ALTER TABLE far_reservations ADD COLUMN reply_topic TEXT NULL;
 -- Pending requests per model (the gateway's bounded queue: 429 beyond it).
 CREATE INDEX far_reservations_pending_idx ON far_reservations (model, deadline) WHERE status = 'open';
 
@@ -26,9 +25,9 @@ CREATE INDEX far_reservations_pending_idx ON far_reservations (model, deadline) 
 -- cover p_amount; then the reservation is inserted. The caller (farmesh/accounts.py reserve) maps `outcome`.
 CREATE FUNCTION far_reserve(
     p_key_hash TEXT, p_request_id TEXT, p_model TEXT, p_max_tokens INT, p_price NUMERIC, p_fee_rate NUMERIC,
-    p_amount NUMERIC, p_request_hash TEXT, p_deadline TIMESTAMPTZ, p_reply_topic TEXT, p_max_pending INT)
+    p_amount NUMERIC, p_request_hash TEXT, p_deadline TIMESTAMPTZ, p_max_pending INT)
 RETURNS TABLE (outcome TEXT, account_id UUID, key_id UUID, prefix TEXT, name TEXT,
-               existing_status TEXT, existing_reply_topic TEXT, existing_deadline TIMESTAMPTZ,
+               existing_status TEXT, existing_deadline TIMESTAMPTZ,
                pending BIGINT, available NUMERIC)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -41,18 +40,18 @@ BEGIN
     FROM far_api_keys ak JOIN far_accounts a ON a.account_id = ak.account_id
     WHERE ak.key_hash = p_key_hash AND a.kind = 'client';
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'unknown_key', NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::text,
+        RETURN QUERY SELECT 'unknown_key', NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::text,
             NULL::timestamptz, NULL::bigint, NULL::numeric;
         RETURN;
     END IF;
     IF k.revoked_at IS NOT NULL THEN
-        RETURN QUERY SELECT 'revoked', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+        RETURN QUERY SELECT 'revoked', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
             NULL::timestamptz, NULL::bigint, NULL::numeric;
         RETURN;
     END IF;
     PERFORM 1 FROM far_accounts WHERE far_accounts.account_id = k.account_id FOR NO KEY UPDATE;
 
-    SELECT fr.account_id, fr.status, fr.request_hash, fr.reply_topic, fr.deadline INTO r
+    SELECT fr.account_id, fr.status, fr.request_hash, fr.deadline INTO r
     FROM far_reservations fr WHERE fr.request_id = p_request_id;
     IF FOUND THEN
         RETURN QUERY SELECT
@@ -60,11 +59,11 @@ BEGIN
                  WHEN r.request_hash IS NOT NULL AND p_request_hash IS NOT NULL AND r.request_hash <> p_request_hash
                      THEN 'parameters_differ'
                  ELSE 'already' END,
-            k.account_id, k.key_id, k.prefix, k.name, r.status, r.reply_topic, r.deadline, NULL::bigint, NULL::numeric;
+            k.account_id, k.key_id, k.prefix, k.name, r.status, r.deadline, NULL::bigint, NULL::numeric;
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM far_mesh_sessions s WHERE s.request_id = p_request_id) THEN
-        RETURN QUERY SELECT 'duplicate', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+        RETURN QUERY SELECT 'duplicate', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
             NULL::timestamptz, NULL::bigint, NULL::numeric;
         RETURN;
     END IF;
@@ -74,7 +73,7 @@ BEGIN
         SELECT count(*) INTO n FROM far_reservations fr
         WHERE fr.model = p_model AND fr.status = 'open' AND fr.deadline > now();
         IF n >= p_max_pending THEN
-            RETURN QUERY SELECT 'queue_full', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+            RETURN QUERY SELECT 'queue_full', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
                 NULL::timestamptz, n, NULL::numeric;
             RETURN;
         END IF;
@@ -85,22 +84,22 @@ BEGIN
          - COALESCE((SELECT sum(fr.amount) FROM far_reservations fr
                      WHERE fr.account_id = k.account_id AND fr.status = 'open'), 0) INTO have;
     IF have < p_amount THEN
-        RETURN QUERY SELECT 'insufficient', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+        RETURN QUERY SELECT 'insufficient', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
             NULL::timestamptz, n, GREATEST(have, 0);
         RETURN;
     END IF;
 
     INSERT INTO far_reservations (request_id, account_id, key_id, model, max_tokens, price_per_token,
-        platform_fee_rate, amount, request_hash, deadline, reply_topic)
+        platform_fee_rate, amount, request_hash, deadline)
     VALUES (p_request_id, k.account_id, k.key_id, p_model, p_max_tokens, p_price, p_fee_rate, p_amount,
-        p_request_hash, p_deadline, p_reply_topic)
+        p_request_hash, p_deadline)
     ON CONFLICT (request_id) DO NOTHING;
     IF NOT FOUND THEN  -- another account's request took the id meanwhile (the same account waits on its lock)
-        RETURN QUERY SELECT 'duplicate', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+        RETURN QUERY SELECT 'duplicate', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
             NULL::timestamptz, n, have;
         RETURN;
     END IF;
-    RETURN QUERY SELECT 'reserved', k.account_id, k.key_id, k.prefix, k.name, NULL::text, NULL::text,
+    RETURN QUERY SELECT 'reserved', k.account_id, k.key_id, k.prefix, k.name, NULL::text,
         NULL::timestamptz, n, have;
 END
 $$;

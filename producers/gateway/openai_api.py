@@ -9,23 +9,23 @@ Extensions beyond OpenAI's parameters: top_k, and the X-Farmesh-Deadline header 
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from producers.gateway import chat
-from producers.gateway.submit import Ask, Finished, Live, Refused, Submitter
-from schemas.events import Sampling, StreamEnded, TokenChunk
+from producers.gateway.submit import Ask, Finished, Live, Refused, RouteCheck, Submitter
+from schemas.events import RequestId, Sampling, StreamEnded, TokenChunk
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+# The request id rule of every event (schemas.events.RequestId), for the Idempotency-Key header.
+_REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
                 404: "invalid_request_error", 409: "invalid_request_error", 422: "invalid_request_error",
                 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
@@ -209,7 +209,6 @@ class ErrorBody(BaseModel):
 # With `stream: true`: OpenAI's SSE chunks (JSON objects, one per `data:` line), then `data: [DONE]`.
 _STREAM: dict[str, Any] = {"text/event-stream": {}}
 
-RouteCheck = Callable[[], Awaitable[bool]]
 
 
 def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
@@ -218,10 +217,11 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
     def request_id(idempotency_key: str | None) -> str:
         if idempotency_key is None:
             return uuid.uuid4().hex
-        if not _REQUEST_ID.match(idempotency_key):
+        try:
+            return _REQUEST_ID.validate_python(idempotency_key)
+        except ValidationError:
             raise Refused(400, "invalid_value", "Idempotency-Key must be 1-128 characters: letters, digits and . _ : - "
-                          "(starting with a letter or digit)", param="Idempotency-Key")
-        return idempotency_key
+                          "(starting with a letter or digit)", param="Idempotency-Key") from None
 
     async def run(kind: Literal["chat", "text"], body: _Common, prompt: str, max_tokens: int,
                   authorization: str | None, idempotency_key: str | None, deadline: float | None) -> Any:

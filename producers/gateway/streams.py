@@ -75,12 +75,6 @@ class ReplyStreams:
     def close(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._streams
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
     def deliver(self, event: ReplyEvent) -> bool:
         """False when no stream here waits for it (a finished or forgotten request)."""
         stream = self._streams.get(event.request_id)

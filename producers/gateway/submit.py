@@ -179,7 +179,7 @@ class Submitter:
         deadline = datetime.now(timezone.utc) + timedelta(seconds=ask.deadline_seconds or self.settings.request_deadline)
         reservation = accounts.Reservation(
             ask.request_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
-            request_hash=ask.fingerprint(), deadline=deadline, reply_topic=self.reply_topic,
+            request_hash=ask.fingerprint(), deadline=deadline,
             max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
         try:
             client, _held = await accounts.reserve(pool, authorization, reservation)
