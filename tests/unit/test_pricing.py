@@ -28,6 +28,24 @@ def test_price_finer_than_a_base_unit_is_refused():
         money.to_base_units(Decimal("1e-19"))
 
 
+@pytest.mark.parametrize("amount", ["-0.0001", "NaN", "sNaN", "Infinity", "1E+39", "1E+999999999", "1.0000000000000000001"])
+def test_amounts_that_are_not_exact_base_units_are_refused(amount):
+    with pytest.raises(ValueError):
+        money.to_base_units(amount)
+
+
+@given(st.integers(min_value=0, max_value=10**38 - 1))
+def test_base_units_round_trip_exactly(units):
+    far = money.to_far(units)
+    assert money.to_base_units(far) == units
+    assert money.to_base_units(money.text(far)) == units
+
+
+def test_trailing_zeros_and_negative_zero_are_exact():
+    assert money.to_base_units("0.000000000000000001000") == 1
+    assert money.to_base_units(-Decimal(0)) == 0
+
+
 def test_split_weights_blocks_times_tokens():
     work = [Work("a", 0, 2, 10), Work("b", 2, 6, 10)]
     assert split(600, work) == [200, 400]
