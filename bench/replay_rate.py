@@ -97,9 +97,9 @@ async def main(sessions: int, rounds: int) -> int:
                         with stopwatch() as raw_t:
                             got = await raw_read(broker.bootstrap, topics.SESSIONS.name)
                         with stopwatch() as replay_t:
-                            state = await replay(conn, broker.bootstrap)
-                        if got != records or state.records != records or len(state.winners) != sessions or state.rejected:
-                            raise SystemExit(f"raw read {got}, replay {state.records} records / {len(state.winners)} "
+                            state = await replay(url, broker.bootstrap)
+                        if got != records or state.records != records or state.sessions != sessions or state.rejected:
+                            raise SystemExit(f"raw read {got}, replay {state.records} records / {state.sessions} "
                                              f"sessions / {len(state.rejected)} rejected; expected {records} / {sessions}")
                         raw_rates.append(records / raw_t[0])
                         replay_rates.append(records / replay_t[0])

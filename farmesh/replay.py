@@ -4,12 +4,18 @@ Reads farmesh.sessions from the earliest offset (or, with --since, from the offs
 that time: offsets_for_times) up to the end offsets seen at start, with NO consumer group (partitions
 are assigned, nothing is committed), so the live groups are never disturbed. It applies the ledger's
 rule (consumers/ledger/rules.py: the first accepted outcome of a request_id wins) and rebuilds, in the
-separate PostgreSQL schema `far_replay` (dropped and recreated by each run):
+separate PostgreSQL schema `far_replay`:
 
     far_replay.sessions        one row per request: the winning outcome
     far_replay.contributions   the winners' contributions
     far_replay.earnings        per node: sessions, tokens processed, earnings
     far_replay.charges         per client account: sessions, cost, platform fees
+
+The rows are written while the log is read, in chunks, into `far_replay_build`; only when the whole
+log is in does one transaction add the keys, compute the per-node and per-client projections and put
+the new schema in place of the old one. So memory holds ids, not events, however long the log; the
+database writes while the next records are checked; and readers of far_replay see the previous run
+until the new one is complete (a failed run leaves it as it was).
 
 --verify compares them with the live ledger: sessions and contributions row by row, the nodes' earnings
 with the ledger's node credits, the clients' charges with its client debits, and the contributions with
@@ -19,6 +25,7 @@ With --since, only the requests whose live session comes from an outcome inside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from uuid import UUID
 
 import asyncpg
 import click
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumers.ledger.rules import contribution_conflict, money_problem
@@ -39,67 +47,67 @@ from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
 SCHEMA = "far_replay"
-_LOCK = "farmesh.replay"
+_BUILD = "far_replay_build"  # where a run writes; renamed to SCHEMA when it is complete
+_LOCK = "farmesh.replay"  # one run at a time (a session advisory lock: released if the process dies)
+_CHUNK = 2000  # outcomes read before their rows go to the writer
 
+# No keys while loading: they are added once at the end (an index built from all rows is cheaper than one
+# maintained row by row), and adding them checks what the rule guarantees (one session per request, each
+# contribution once).
 _DDL = f"""
-DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;
-CREATE SCHEMA {SCHEMA};
-CREATE TABLE {SCHEMA}.sessions (
-    request_id TEXT PRIMARY KEY, event_id UUID NOT NULL, model TEXT NOT NULL, account_id UUID NOT NULL,
+DROP SCHEMA IF EXISTS {_BUILD} CASCADE;
+CREATE SCHEMA {_BUILD};
+CREATE TABLE {_BUILD}.sessions (
+    request_id TEXT NOT NULL, event_id UUID NOT NULL, model TEXT NOT NULL, account_id UUID NOT NULL,
     status TEXT NOT NULL, prompt_tokens INT NOT NULL, completion_tokens INT NOT NULL,
     price_per_token NUMERIC(38,18) NOT NULL, cost NUMERIC(38,18) NOT NULL, platform_fee NUMERIC(38,18) NOT NULL,
     finished_at TIMESTAMPTZ NOT NULL, log_partition INT NOT NULL, log_offset BIGINT NOT NULL);
-CREATE TABLE {SCHEMA}.contributions (
-    event_id UUID PRIMARY KEY, request_id TEXT NOT NULL, model TEXT NOT NULL, peer_id TEXT NOT NULL,
+CREATE TABLE {_BUILD}.contributions (
+    event_id UUID NOT NULL, request_id TEXT NOT NULL, model TEXT NOT NULL, peer_id TEXT NOT NULL,
     start_block INT NOT NULL, end_block INT NOT NULL, tokens_processed INT NOT NULL,
     earnings NUMERIC(38,18) NOT NULL, occurred_at TIMESTAMPTZ NOT NULL);
-CREATE TABLE {SCHEMA}.seen_outcomes (event_id UUID PRIMARY KEY, request_id TEXT NOT NULL);
-CREATE TABLE {SCHEMA}.rejected (log_partition INT, log_offset BIGINT, reason TEXT NOT NULL);
-CREATE TABLE {SCHEMA}.runs (started_at TIMESTAMPTZ NOT NULL, since TIMESTAMPTZ NULL, records BIGINT NOT NULL,
+CREATE TABLE {_BUILD}.seen_outcomes (event_id UUID NOT NULL, request_id TEXT NOT NULL);
+CREATE TABLE {_BUILD}.rejected (log_partition INT, log_offset BIGINT, reason TEXT NOT NULL);
+CREATE TABLE {_BUILD}.runs (started_at TIMESTAMPTZ NOT NULL, since TIMESTAMPTZ NULL, records BIGINT NOT NULL,
     outcomes BIGINT NOT NULL, sessions BIGINT NOT NULL, rejected BIGINT NOT NULL, positions JSONB NOT NULL);
 """
 
-_PROJECTIONS = f"""
-CREATE TABLE {SCHEMA}.earnings AS
+_FINISH = f"""
+ALTER TABLE {_BUILD}.sessions ADD PRIMARY KEY (request_id);
+ALTER TABLE {_BUILD}.contributions ADD PRIMARY KEY (event_id);
+ALTER TABLE {_BUILD}.seen_outcomes ADD PRIMARY KEY (event_id);
+CREATE TABLE {_BUILD}.earnings AS
     SELECT peer_id, count(DISTINCT request_id) AS sessions, sum(tokens_processed)::bigint AS tokens_processed,
            sum(earnings) AS earnings
-    FROM {SCHEMA}.contributions GROUP BY peer_id;
-CREATE TABLE {SCHEMA}.charges AS
+    FROM {_BUILD}.contributions GROUP BY peer_id;
+CREATE TABLE {_BUILD}.charges AS
     SELECT account_id, count(*) AS sessions, sum(completion_tokens)::bigint AS completion_tokens,
            sum(cost) AS cost, sum(platform_fee) AS platform_fees
-    FROM {SCHEMA}.sessions GROUP BY account_id;
+    FROM {_BUILD}.sessions GROUP BY account_id;
 """
+_SWAP = f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; ALTER SCHEMA {_BUILD} RENAME TO {SCHEMA};"
 
 
 @dataclass
 class Replayed:
     records: int = 0
     outcomes: int = 0
+    sessions: int = 0
     rejected: list[tuple[int, int, str]] = field(default_factory=list)
-    winners: dict[str, tuple[SessionOutcome, int, int]] = field(default_factory=dict)
-    seen: dict[UUID, str] = field(default_factory=dict)
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> (start, end)
-
-
-async def read_log(bootstrap: str, topic: str, since: datetime | None, positions: dict[int, tuple[int, int]],
-                   timeout: float = 30.0) -> AsyncIterator[Any]:
-    """Every record of `topic` from the earliest offset (or the first at/after `since`) to the end offsets
-    seen at start, each partition in log order; group-less (nothing committed). `positions` receives
-    partition -> (first offset, end offset)."""
-    async for records in read_log_batches(bootstrap, topic, since, positions, timeout):
-        for record in records:
-            yield record
 
 
 async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, positions: dict[int, tuple[int, int]],
                            timeout: float = 30.0) -> AsyncIterator[list[Any]]:
-    """read_log() a fetched batch at a time (records of one partition, in log order)."""
+    """Every record of `topic` from the earliest offset (or the first at/after `since`) to the end offsets
+    seen at start, a fetched batch at a time (records of one partition, in log order); group-less (nothing
+    committed). `positions` receives partition -> (first offset, end offset)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
-    await consumer.start()
     try:
+        await consumer.start()
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             await consumer.topics()
@@ -146,16 +154,71 @@ async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, p
 _CONTRIBUTION_HEADER = (topics.EVENT_TYPE_HEADER, b"node.contribution")
 
 
-async def replay(conn: asyncpg.Connection, bootstrap: str, since: datetime | None = None) -> Replayed:
-    """Read the sessions topic and rebuild the far_replay schema on `conn`."""
+@dataclass
+class _Chunk:
+    """Rows for the far_replay_build tables, in log order."""
+
+    sessions: list[tuple[Any, ...]] = field(default_factory=list)
+    contributions: list[tuple[Any, ...]] = field(default_factory=list)
+    seen: list[tuple[UUID, str]] = field(default_factory=list)
+
+
+def _win(chunk: _Chunk, o: SessionOutcome, partition: int, offset: int) -> None:
+    chunk.sessions.append((o.request_id, o.event_id, o.model, o.account_id, o.status, o.prompt_tokens,
+                           o.completion_tokens, o.price_per_token, o.cost_far, o.platform_fee_far, o.finished_at,
+                           partition, offset))
+    chunk.contributions += [(c.contribution_id, o.request_id, o.model, c.peer_id, c.start_block, c.end_block,
+                             c.tokens_processed, c.earnings_far, o.finished_at) for c in o.contributions]
+
+
+async def replay(database_url: str, bootstrap: str, since: datetime | None = None) -> Replayed:
+    """Read the sessions topic and rebuild the far_replay schema of the database at `database_url`."""
+    started = datetime.now(timezone.utc)
+    writer = await asyncpg.connect(database_url)
+    try:
+        await writer.execute("SELECT pg_advisory_lock(hashtext($1))", _LOCK)
+        await writer.execute(_DDL)
+        lookups = await asyncpg.connect(database_url)
+        chunks: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=2)
+        writing = asyncio.create_task(_write_chunks(writer, chunks))
+        try:
+            state = await _read(lookups, bootstrap, since, chunks, writing)
+            await _hand_over(chunks, writing, None)
+            await writing
+        finally:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)
+            await lookups.close()
+        async with writer.transaction():
+            await writer.copy_records_to_table("rejected", schema_name=_BUILD, records=state.rejected)
+            await writer.execute(_FINISH)
+            await writer.execute(
+                f"INSERT INTO {_BUILD}.runs VALUES ($1, $2, $3, $4, $5, $6, $7)", started, since, state.records,
+                state.outcomes, state.sessions, len(state.rejected),
+                json.dumps({str(p): list(v) for p, v in state.positions.items()}))
+            await writer.execute(_SWAP)
+        return state
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: the next run drops it anyway
+            await writer.execute(f"DROP SCHEMA IF EXISTS {_BUILD} CASCADE")
+        raise
+    finally:
+        await writer.close()  # also releases the advisory lock
+
+
+async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | None,
+                chunks: asyncio.Queue[_Chunk | None], writing: asyncio.Task[None]) -> Replayed:
+    """Apply the ledger's rule to the log in order, handing the rows to the writer chunk by chunk."""
     state = Replayed()
     clients: set[UUID] = set()
     strangers: set[UUID] = set()
     owners: dict[UUID, str] = {}
-    started = datetime.now(timezone.utc)
+    winners: set[str] = set()
+    seen: set[UUID] = set()
+    chunk = _Chunk()
     validate = session_event_adapter.validate_json
-    # The loop allocates only acyclic objects (records, events) that it keeps: the cyclic collector would
-    # rescan the growing state again and again for nothing, so it waits until the log is read.
+    # The loop allocates only acyclic objects: the cyclic collector would rescan the growing sets of ids
+    # again and again for nothing, so it waits until the log is read.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -175,50 +238,57 @@ async def replay(conn: asyncpg.Connection, bootstrap: str, since: datetime | Non
                 if isinstance(event, NodeContribution):
                     continue
                 state.outcomes += 1
-                state.seen[event.event_id] = event.request_id
+                if event.event_id not in seen:
+                    seen.add(event.event_id)
+                    chunk.seen.append((event.event_id, event.request_id))
                 # The ledger's rule, in log order: money adds up, a known client, contribution ids not taken.
                 problem = money_problem(event)
                 if problem is None and event.account_id not in clients:
-                    if event.account_id not in strangers and await conn.fetchval(
+                    if event.account_id not in strangers and await lookups.fetchval(
                             "SELECT 1 FROM far_accounts WHERE account_id = $1 AND kind = 'client'", event.account_id):
                         clients.add(event.account_id)
                     else:
                         strangers.add(event.account_id)
                         problem = f"unknown client account {event.account_id}"
-                if problem is None and event.request_id not in state.winners:
+                if problem is None and event.request_id not in winners:
                     problem = contribution_conflict(event, owners)
                 if problem is not None:
                     state.rejected.append((record.partition, record.offset, problem))
                     continue
-                state.winners.setdefault(event.request_id, (event, record.partition, record.offset))
+                if event.request_id not in winners:
+                    winners.add(event.request_id)
+                    _win(chunk, event, record.partition, record.offset)
+            if len(chunk.seen) >= _CHUNK:
+                await _hand_over(chunks, writing, chunk)
+                chunk = _Chunk()
     finally:
         if collecting:
             gc.enable()
-    await _write(conn, state, since, started)
+    await _hand_over(chunks, writing, chunk)
+    state.sessions = len(winners)
     return state
 
 
-async def _write(conn: asyncpg.Connection, state: Replayed, since: datetime | None, started: datetime) -> None:
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _LOCK)
-        await conn.execute(_DDL)
-        sessions, contributions = [], []
-        for o, partition, offset in state.winners.values():
-            sessions.append((o.request_id, o.event_id, o.model, o.account_id,
-                             o.status, o.prompt_tokens,
-                             o.completion_tokens, o.price_per_token, o.cost_far, o.platform_fee_far, o.finished_at,
-                             partition, offset))
-            contributions += [(c.contribution_id, o.request_id, o.model, c.peer_id, c.start_block, c.end_block,
-                               c.tokens_processed, c.earnings_far, o.finished_at) for c in o.contributions]
-        await conn.copy_records_to_table("sessions", schema_name=SCHEMA, records=sessions)
-        await conn.copy_records_to_table("contributions", schema_name=SCHEMA, records=contributions)
-        await conn.copy_records_to_table("seen_outcomes", schema_name=SCHEMA, records=list(state.seen.items()))
-        await conn.copy_records_to_table("rejected", schema_name=SCHEMA, records=state.rejected)
-        await conn.execute(_PROJECTIONS)
-        await conn.execute(
-            f"INSERT INTO {SCHEMA}.runs VALUES ($1, $2, $3, $4, $5, $6, $7)", started, since, state.records,
-            state.outcomes, len(state.winners), len(state.rejected),
-            json.dumps({str(p): list(v) for p, v in state.positions.items()}))
+async def _hand_over(chunks: asyncio.Queue[_Chunk | None], writing: asyncio.Task[None], chunk: _Chunk | None) -> None:
+    """Queue `chunk` for the writer (None: the log is read), or raise what stopped the writer."""
+    put = asyncio.ensure_future(chunks.put(chunk))
+    await asyncio.wait({put, writing}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+    if writing.done():
+        writing.result()  # the writer's error
+        if not put.done() or put.cancelled():
+            raise RuntimeError("replay: the writer stopped before the log was read")
+
+
+async def _write_chunks(conn: asyncpg.Connection, chunks: asyncio.Queue[_Chunk | None]) -> None:
+    """COPY each chunk into far_replay_build as it comes (each COPY commits on its own; a failed run drops
+    the build, and the next run would)."""
+    while (chunk := await chunks.get()) is not None:
+        for table, rows in (("sessions", chunk.sessions), ("contributions", chunk.contributions),
+                            ("seen_outcomes", chunk.seen)):
+            if rows:
+                await conn.copy_records_to_table(table, schema_name=_BUILD, records=rows)
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -319,10 +389,13 @@ def _parse_time(value: str) -> datetime:
 
 
 async def run(settings: Settings, since: datetime | None, check: bool) -> tuple[Replayed, list[str]]:
-    conn = await asyncpg.connect(settings.require_database_url())
+    url = settings.require_database_url()
+    state = await replay(url, settings.kafka_bootstrap, since)
+    if not check:
+        return state, []
+    conn = await asyncpg.connect(url)
     try:
-        state = await replay(conn, settings.kafka_bootstrap, since)
-        return state, (await verify(conn, since) if check else [])
+        return state, await verify(conn, since)
     finally:
         await conn.close()
 
@@ -336,11 +409,11 @@ def replay_command(settings: Settings, since: str | None, check: bool) -> None:
     moment = _parse_time(since) if since else None
     try:
         state, differences = asyncio.run(run(settings, moment, check))
-    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+    except (asyncpg.PostgresError, OSError, TimeoutError, KafkaError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     window = f"since {moment.isoformat()}" if moment else "from the earliest offset"
     click.echo(f"replay: {state.records} record(s) of {topics.SESSIONS.name} {window} in "
-               f"{len(state.positions)} partition(s): {state.outcomes} outcome(s), {len(state.winners)} session(s), "
+               f"{len(state.positions)} partition(s): {state.outcomes} outcome(s), {state.sessions} session(s), "
                f"{len(state.rejected)} rejected -> schema {SCHEMA}")
     if not check:
         return

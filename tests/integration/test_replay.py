@@ -1,16 +1,19 @@
 """`farmesh replay [--since] [--verify]` and `farmesh report usage` on the real broker and PostgreSQL."""
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
+from aiokafka.errors import KafkaError
 
 from consumers.inference import worker
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
 from farmesh import accounts, messaging, money
+from farmesh import replay as replay_module
 from schemas import topics
 from schemas.events import InferenceRequested
 from tests.support.consumers import running
@@ -52,7 +55,8 @@ async def requests(env, key: str, run: str, numbers: range) -> None:
         await wait_caught_up(env.bootstrap, group, topics.SESSIONS.name, timeout=120)
 
 
-async def test_replay_rebuilds_the_ledger_and_verify_finds_every_difference(env):
+async def test_replay_rebuilds_the_ledger_and_verify_finds_every_difference(env, monkeypatch):
+    monkeypatch.setattr(replay_module, "_CHUNK", 4)  # many chunks: the writer runs while the log is read
     async with env.pool.acquire() as conn:
         issued = await accounts.create_client(conn, "replayed", money.to_base_units(Decimal(1)))
     run = uuid.uuid4().hex[:6]
@@ -125,3 +129,29 @@ async def test_usage_reports(env):
     assert earnings == await env.pool.fetchval("SELECT sum(earnings) FROM far_session_contributions")
     by_day = await farmesh("report", "usage", "--by", "day", "--format", "json", *db)
     assert by_day.exit_code == 0 and '"node_earnings_far"' in by_day.output
+
+
+async def test_a_failed_replay_leaves_the_previous_projections(env):
+    """A run that breaks off (here: the broker cannot be reached) changes nothing readers see, and the next
+    run is not blocked by it."""
+    async with env.pool.acquire() as conn:
+        issued = await accounts.create_client(conn, "failed replay", money.to_base_units(Decimal(1)))
+    await requests(env, issued.key, uuid.uuid4().hex[:6], range(3))
+    first = await replay_module.replay(env.database_url, env.bootstrap)
+    assert first.sessions > 0
+    rows = await env.pool.fetch("SELECT * FROM far_replay.sessions ORDER BY request_id")
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(KafkaError):
+        await replay_module.replay(env.database_url, closed)
+    assert await env.pool.fetch("SELECT * FROM far_replay.sessions ORDER BY request_id") == rows
+    assert await env.pool.fetchval("SELECT count(*) FROM far_replay.runs") == 1
+    assert await env.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = 'far_replay_build'") == 0
+    result = await farmesh("replay", "--database-url", env.database_url, "--kafka-bootstrap", closed)
+    assert result.exit_code == 1 and "KafkaConnectionError" in result.output, result.output
+    again = await replay_module.replay(env.database_url, env.bootstrap)
+    assert (again.sessions, again.records) == (first.sessions, first.records)
+    assert await env.pool.fetch("SELECT * FROM far_replay.sessions ORDER BY request_id") == rows
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'far_replay_build'") == 0
