@@ -351,31 +351,39 @@ def _show(value: Any) -> str:
     return money.text(value) if isinstance(value, Decimal) else str(value)
 
 
+def _differing(key: str, live_sql: str, replay_sql: str, columns: tuple[str, ...]) -> str:
+    """The rows that differ between the two queries (only on one side, or a compared column not equal),
+    found by the database: neither side is loaded into memory."""
+    sides = ", ".join(f"l.{c} AS live_{c}, r.{c} AS replay_{c}" for c in columns)
+    changed = " OR ".join(f"l.{c} IS DISTINCT FROM r.{c}" for c in columns)
+    return (f"SELECT COALESCE(l.{key}, r.{key}) AS k, l.{key} IS NOT NULL AS in_live, r.{key} IS NOT NULL AS in_replay, "
+            f"{sides} FROM ({live_sql}) l FULL JOIN ({replay_sql}) r ON l.{key} = r.{key} "
+            f"WHERE l.{key} IS NULL OR r.{key} IS NULL OR {changed} "
+            f"ORDER BY COALESCE(l.{key}, r.{key})::text COLLATE \"C\"")
+
+
 async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> list[str]:
     """Every difference between the far_replay projections and the live ledger (empty: identical)."""
     differences: list[str] = []
     async with conn.transaction(isolation="repeatable_read"):
         await conn.execute("CREATE TEMP TABLE replay_scope (request_id TEXT PRIMARY KEY) ON COMMIT DROP")
         await conn.execute(_SCOPE, since)
+        await conn.execute("ANALYZE replay_scope")  # a temporary table is never analyzed otherwise
         for what, key, live_sql, replay_sql, columns in _COMPARE:
-            live = {r[key]: dict(r) for r in await conn.fetch(live_sql)}
-            rebuilt = {r[key]: dict(r) for r in await conn.fetch(replay_sql)}
-            for k in sorted(set(live) | set(rebuilt), key=str):
-                a, b = live.get(k), rebuilt.get(k)
-                if a is None:
-                    differences.append(f"{what} {k}: only in the replay ({_fields(b, columns)})")
-                elif b is None:
-                    differences.append(f"{what} {k}: only in the live ledger ({_fields(a, columns)})")
+            for row in await conn.fetch(_differing(key, live_sql, replay_sql, columns)):
+                if not row["in_live"]:
+                    differences.append(f"{what} {row['k']}: only in the replay ({_fields(row, 'replay', columns)})")
+                elif not row["in_replay"]:
+                    differences.append(f"{what} {row['k']}: only in the live ledger ({_fields(row, 'live', columns)})")
                 else:
-                    changed = [c for c in columns if a[c] != b[c]]
-                    if changed:
-                        differences.append(f"{what} {k}: " + ", ".join(
-                            f"{c} live={_show(a[c])} replay={_show(b[c])}" for c in changed))
+                    differences.append(f"{what} {row['k']}: " + ", ".join(
+                        f"{c} live={_show(row['live_' + c])} replay={_show(row['replay_' + c])}"
+                        for c in columns if row["live_" + c] != row["replay_" + c]))
     return differences
 
 
-def _fields(row: dict[str, Any] | None, columns: tuple[str, ...]) -> str:
-    return ", ".join(f"{c}={_show(row[c])}" for c in columns) if row else ""
+def _fields(row: asyncpg.Record, side: str, columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{c}={_show(row[side + '_' + c])}" for c in columns)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
