@@ -6,12 +6,11 @@ A benchmark prints its raw figures, then a target line (`target: ... -> PASS|MIS
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractAsyncContextManager
 import math
 import os
-import platform
-import statistics
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 ADMIN_URL = os.environ.get("FARMESH_BENCH_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres")
@@ -63,10 +62,6 @@ def finish(value: float, target: Target) -> int:
     return 0
 
 
-def machine() -> str:
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} CPU(s), Python {platform.python_version()}"
-
-
 @contextlib.contextmanager
 def stopwatch() -> Iterator[list[float]]:
     """`with stopwatch() as t: ...` then t[0] is the elapsed seconds."""
@@ -78,20 +73,8 @@ def stopwatch() -> Iterator[list[float]]:
         box.append(time.perf_counter() - start)
 
 
-@contextlib.asynccontextmanager
-async def scratch_database(prefix: str, admin_url: str = ADMIN_URL, migrated: bool = True) -> AsyncIterator[str]:
-    """A new database with a unique name (migrated with db/migrate.py), dropped afterwards."""
-    from db.migrate import migrate
-    from db.scratch import create_database, drop_database
+def scratch_database(prefix: str, admin_url: str = ADMIN_URL, migrated: bool = True) -> AbstractAsyncContextManager[str]:
+    """db.scratch.scratch_database on the benchmarks' server (FARMESH_BENCH_DATABASE_URL)."""
+    from db.scratch import scratch_database
 
-    url = await create_database(admin_url, prefix)
-    try:
-        if migrated:
-            await migrate(url)
-        yield url
-    finally:
-        await drop_database(admin_url, url)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
+    return scratch_database(admin_url, prefix, migrated=migrated)

@@ -45,11 +45,7 @@ def session_events(i: int, account_id: uuid.UUID, prefix: str = "bench") -> list
         platform_fee_rate=FEE_RATE, platform_fee_far=money.to_far(moved.fee), started_at=started,
         finished_at=started + timedelta(milliseconds=15 * tokens), worker="bench", contributions=contributions,
         finish_reason="length")
-    return [outcome, *(NodeContribution(
-        event_id=c.contribution_id, request_id=outcome.request_id, session_event_id=outcome.event_id,
-        model=outcome.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
-        tokens_processed=c.tokens_processed, earnings_far=c.earnings_far, occurred_at=outcome.occurred_at)
-        for c in contributions)]
+    return [outcome, *outcome.contribution_events()]
 
 
 def wire(event: InferenceCompleted | NodeContribution) -> bytes:

@@ -30,7 +30,7 @@ from bench._common import Target, finish, ratio, say, scratch_database, stopwatc
 from bench._sessions import PRICE, session_events, wire
 from farmesh import accounts, messaging, money
 from farmesh.local_services import start_broker
-from farmesh.replay import _CONTRIBUTION_HEADER, replay
+from farmesh.replay import CONTRIBUTION_HEADER, replay
 from schemas import topics
 from schemas.events import session_event_adapter
 
@@ -87,7 +87,7 @@ async def raw_read(bootstrap: str, topic: str, each: Callable[[Any], object] | N
 def validate_outcome(record: Any) -> None:
     """What any replay must do with a record before applying a rule: validate an outcome (the replay's own
     skip of node.contribution records by their header included)."""
-    if _CONTRIBUTION_HEADER not in record.headers:
+    if CONTRIBUTION_HEADER not in record.headers:
         session_event_adapter.validate_json(record.value)
 
 

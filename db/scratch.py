@@ -2,7 +2,9 @@
 (its open connections first)."""
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -34,3 +36,17 @@ async def drop_database(admin_url: str, url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str, prefix: str, *, migrated: bool = True) -> AsyncIterator[str]:
+    """A new database (migrated with db/migrate.py unless `migrated` is false) for the block, dropped after it."""
+    url = await create_database(admin_url, prefix)
+    try:
+        if migrated:
+            from db.migrate import migrate
+
+            await migrate(url)
+        yield url
+    finally:
+        await drop_database(admin_url, url)

@@ -151,7 +151,7 @@ async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, p
 
 
 # The header every producer (farmesh.messaging.publish) puts on a node.contribution record.
-_CONTRIBUTION_HEADER = (topics.EVENT_TYPE_HEADER, b"node.contribution")
+CONTRIBUTION_HEADER = (topics.EVENT_TYPE_HEADER, NodeContribution.model_fields["type"].default.encode())
 
 
 @dataclass
@@ -225,7 +225,7 @@ async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | N
         async for records in read_log_batches(bootstrap, topics.SESSIONS.name, since, state.positions):
             state.records += len(records)
             for record in records:
-                if _CONTRIBUTION_HEADER in record.headers:
+                if CONTRIBUTION_HEADER in record.headers:
                     # Every contribution also travels inside its outcome, which is what replay rebuilds from;
                     # the live consumers dead-letter a malformed one. Two records in three are these: not
                     # parsing them is most of replay's speed.

@@ -49,7 +49,6 @@ class TokenSampler:
 
     def __init__(self, sampling: Sampling | None = None, seed: int = 0):
         self.greedy = sampling is None or sampling.temperature == 0
-        self.seed = seed
         self._warpers: list = []
         self._generator: torch.Generator | None = None
         if self.greedy:

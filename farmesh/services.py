@@ -97,22 +97,22 @@ def _background(*jobs: Callable[[], Awaitable[None]]) -> tuple[Callable[[], Awai
     return start, stop
 
 
-async def wait_for_database(pool: asyncpg.Pool, max_wait: float, max_pause: float = 2.0) -> bool:
-    """Until `pool`'s database answers (True) or `max_wait` seconds have passed (False), probing with growing pauses."""
+async def _wait_for_database(pool: asyncpg.Pool, max_wait: float, max_pause: float = 2.0) -> None:
+    """Until `pool`'s database answers or `max_wait` seconds have passed, probing with growing pauses."""
     loop = asyncio.get_running_loop()
     deadline, pause, logged = loop.time() + max_wait, 0.1, False
     while True:
         try:
             async with asyncio.timeout(max_pause):
                 await pool.fetchval("SELECT 1")
-            return True
+            return
         except Exception as exc:  # noqa: BLE001 - refused, reset, shutting down, starting up, timed out: "not yet"
             if not logged:
                 log.warning("database unreachable (%s: %s); holding the batch until it answers",
                             type(exc).__name__, str(exc)[:200])
                 logged = True
         if loop.time() + pause > deadline:
-            return False
+            return
         await asyncio.sleep(pause)
         pause = min(pause * 2, max_pause)
 
@@ -134,7 +134,7 @@ class DatabaseWait(BaseMiddleware):
         try:
             return await call_next(msg)
         except Exception:
-            await wait_for_database(self.pool, self.max_wait)
+            await _wait_for_database(self.pool, self.max_wait)
             raise
 
 
@@ -164,33 +164,25 @@ async def run_payments(settings: Settings, host: str, port: int) -> None:
     """The payments group, and the weekly batch close on its schedule (consumers/payments/schedule.py)."""
     from consumers.payments import consumer
     from consumers.payments.schedule import WeeklyClose
-    from farmesh import money
 
     def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
         consumer.register(broker, pool, registry)
         closer = WeeklyClose(broker, pool, registry, grace=settings.payments_close_grace,
-                             min_payout=money.to_base_units(settings.min_payout))
+                             min_payout=settings.min_payout_base_units)
         return [closer.run]
 
     await _run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, register)
 
 
 async def run_registry(settings: Settings, host: str, port: int) -> None:
+    """The registry group, and the sweeper that times out silent nodes."""
     from consumers.registry import consumer
 
-    await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
-    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
-    try:
-        registry = CollectorRegistry()
-        broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_REGISTRY, registry)
+    def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
         metrics = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
-        sweeper = consumer.Sweeper(broker, pool, settings.node_timeout, metrics=metrics)
-        start_sweeping, stop_sweeping = _background(sweeper.run)
-        app = _consumer_app(broker, registry, settings, topics.GROUP_REGISTRY, topics.HEARTBEATS.name,
-                            after_startup=[start_sweeping], on_shutdown=[stop_sweeping])
-        await _serve(app, host, port, "registry")
-    finally:
-        await pool.close()
+        return [consumer.Sweeper(broker, pool, settings.node_timeout, metrics=metrics).run]
+
+    await _run_database_consumer(settings, host, port, topics.GROUP_REGISTRY, topics.HEARTBEATS.name, register)
 
 
 async def run_gateway(settings: Settings) -> None:

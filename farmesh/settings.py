@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     def price_base_units(self) -> int:
         return money.to_base_units(self.price_per_token)
 
+    @property
+    def min_payout_base_units(self) -> int:
+        return money.to_base_units(self.min_payout)
+
     def require_database_url(self) -> str:
         if not self.database_url:
             raise SystemExit("FARMESH_DATABASE_URL is not set (farmesh up starts an embedded PostgreSQL for you)")

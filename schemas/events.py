@@ -189,6 +189,13 @@ class SessionOutcome(Event):
     worker: str
     contributions: list[Contribution]
 
+    def contribution_events(self) -> list[NodeContribution]:
+        """The `node.contribution` event of each contribution, as the worker publishes them after the outcome."""
+        return [NodeContribution(event_id=c.contribution_id, request_id=self.request_id, session_event_id=self.event_id,
+                                 model=self.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
+                                 tokens_processed=c.tokens_processed, earnings_far=c.earnings_far,
+                                 occurred_at=self.occurred_at) for c in self.contributions]
+
 
 class InferenceCompleted(SessionOutcome):
     type: Literal["inference.completed"] = "inference.completed"
@@ -200,6 +207,9 @@ class InferenceCompleted(SessionOutcome):
         return "completed"
 
 
+FailReason = Literal["error", "cancelled", "expired"]
+
+
 class InferenceFailed(SessionOutcome):
     """Generation broke off; only delivered tokens are charged and only work used is paid."""
 
@@ -207,7 +217,7 @@ class InferenceFailed(SessionOutcome):
     error: str
     # Why it ended early: the generation broke ("error"), its client went away ("cancelled"), or it was
     # picked up after its deadline and never ran ("expired"). Absent on events from before this field.
-    reason: Literal["error", "cancelled", "expired"] = "error"
+    reason: FailReason = "error"
 
     @property
     def status(self) -> Literal["failed", "cancelled", "expired"]:

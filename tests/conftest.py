@@ -24,7 +24,6 @@ import asyncpg
 import pytest
 
 from db import scratch
-from db.migrate import migrate
 from db.scratch import drop_database
 from farmesh.local_services import start_broker, start_postgres
 
@@ -96,12 +95,8 @@ async def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncI
 @pytest.fixture(scope="session")
 async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
     """A fresh, migrated database for the session (dropped at the end)."""
-    url = await create_database(postgres_admin_url)
-    try:
-        await migrate(url)
+    async with scratch.scratch_database(postgres_admin_url, "farmesh_test") as url:
         yield url
-    finally:
-        await drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 from uuid import uuid4
 
 from faststream.kafka import KafkaBroker
@@ -32,6 +32,7 @@ from farmesh.pricing import Work, fee_rate_units, settlement
 from schemas import topics
 from schemas.events import (
     Contribution,
+    FailReason,
     InferenceCancelled,
     InferenceCompleted,
     InferenceFailed,
@@ -81,7 +82,7 @@ def _now() -> datetime:
 def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, completion: str,
            spans: Sequence[Work], started_at: datetime, worker: str,
            finish_reason: str | None, error: str | None,
-           reason: Literal["error", "cancelled", "expired"] = "error") -> tuple[SessionOutcome, list[NodeContribution]]:
+           reason: FailReason = "error") -> tuple[SessionOutcome, list[NodeContribution]]:
     """The session outcome and its contribution events; the money is computed here, exactly.
 
     The client's account (from the request) is debited delivered x price; the platform fee and the
@@ -107,13 +108,7 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
         outcome = InferenceCompleted(finish_reason=finish_reason or "length", **common)
     else:
         outcome = InferenceFailed(error=error, reason=reason, **common)
-    events = [
-        NodeContribution(event_id=c.contribution_id, request_id=request.request_id, session_event_id=outcome.event_id,
-                         model=request.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
-                         tokens_processed=c.tokens_processed, earnings_far=c.earnings_far, occurred_at=outcome.occurred_at)
-        for c in contributions
-    ]
-    return outcome, events
+    return outcome, outcome.contribution_events()
 
 
 class RequestCancelled(RuntimeError):
@@ -198,7 +193,7 @@ def register(broker: KafkaBroker, generator: Generator, model: str, registry: Co
         started_at, t0 = _now(), loop.time()
         relay = TokenRelay(broker, request, loop, cancellations)
         error: str | None = None
-        ended_as: Literal["error", "cancelled", "expired"] = "error"
+        ended_as: FailReason = "error"
         result: Generated | None = None
         try:
             if (reason := cancellations.reason(request.request_id)) is not None:

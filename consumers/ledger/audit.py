@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 
+from consumers.payments.repository import ITEMS_HIGH_WATER
 from farmesh import money
 
 
@@ -235,8 +236,7 @@ CHECKS: list[tuple[str, str, str, str]] = [
                    lag(through_seq) OVER w AS prev_through_seq
             FROM far_payment_batches WHERE through_seq IS NOT NULL WINDOW w AS (PARTITION BY wallet ORDER BY week)) l
         WHERE through_seq < prev_through_seq
-           OR through_seq > (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
-                             FROM far_payment_items_seq_seq)""",
+           OR through_seq > (""" + ITEMS_HIGH_WATER + """)""",
      "line {id} ({week}, {wallet})",
      ("through_seq {through_seq} breaks the nesting of its wallet's lines (line {prev_id} of {prev_week} holds "
       "{prev_through_seq}) or exceeds the items' sequence")),

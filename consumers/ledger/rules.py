@@ -46,12 +46,6 @@ def money_problem(o: SessionOutcome) -> str | None:
     return None
 
 
-async def known_clients(conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[SessionOutcome]) -> set[UUID]:
-    rows = await conn.fetch("SELECT account_id FROM far_accounts WHERE kind = 'client' AND account_id = ANY($1::uuid[])",
-                            list({o.account_id for o in outcomes}))
-    return {r["account_id"] for r in rows}
-
-
 def contribution_conflict(o: SessionOutcome, owners: dict[UUID, str]) -> str | None:
     """A contribution id that already belongs to another request; else records the outcome's ids in `owners`."""
     for c in o.contributions:

@@ -90,7 +90,7 @@ async def _close(settings: Settings, week: str, min_payout: int, textfile: str |
 def close(settings: Settings, week: str, min_payout: str | None, metrics_textfile: str | None) -> None:
     """Close WEEK's batch: one line per payout wallet; idempotent; publishes payments.batch_closed."""
     try:
-        minimum = money.to_base_units(Decimal(min_payout)) if min_payout is not None else money.to_base_units(settings.min_payout)
+        minimum = money.to_base_units(Decimal(min_payout)) if min_payout is not None else settings.min_payout_base_units
     except (ArithmeticError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--min-payout") from None
     closed = _run(_close(settings, week, minimum, metrics_textfile))

@@ -31,6 +31,8 @@ from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
 
 _PAYOUT_NAMESPACE = uuid.UUID("0b7f6a0e-93d4-4c0e-8d55-6c1c3d5e2a90")
 CLOSE_LOCK = "farmesh.payments.close"
+# The items' high-water mark: the last seq handed out (the close's through_seq; the audit checks lines against it).
+ITEMS_HIGH_WATER = "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM far_payment_items_seq_seq"
 
 
 class PaymentsError(Exception):
@@ -196,13 +198,19 @@ async def close_week(conn: asyncpg.Connection, week: str, min_payout: int, *, no
             "UPDATE far_payment_items i SET wallet = n.wallet, seq = DEFAULT FROM far_nodes n "
             "WHERE i.wallet IS NULL AND n.peer_id = i.peer_id AND n.wallet IS NOT NULL")
         # The high-water mark: every seq handed out so far belongs to a committed item (or to none).
-        through_seq = await conn.fetchval(
-            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM far_payment_items_seq_seq")
+        through_seq = await conn.fetchval(ITEMS_HIGH_WATER)
         # One aggregate of the open work; the lines are exactly its wallets owed at least the minimum.
         owed, no_wallet = await _open_work(conn, week, through_seq)
-        payable = sorted(w for w, (amount, _) in owed.items() if money.to_base_units(amount) >= min_payout)
-        carried = [(w, a, n) for w, (a, n) in sorted(owed.items()) if w not in payable]
-        total = sum(money.to_base_units(owed[w][0]) for w in payable)
+        payable: list[str] = []
+        carried: list[tuple[str, Decimal, int]] = []
+        total = 0
+        for w, (a, n) in sorted(owed.items()):
+            units = money.to_base_units(a)
+            if units >= min_payout:
+                payable.append(w)
+                total += units
+            else:
+                carried.append((w, a, n))
         if payable:
             created = await conn.fetch(
                 """INSERT INTO far_payment_batches (week, wallet, amount, contributions, status, closed_at, through_seq)

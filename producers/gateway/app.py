@@ -39,7 +39,7 @@ from farmesh.settings import Settings
 from producers.gateway import discovery, openai_api
 from producers.gateway.discovery import LiveCoverage
 from producers.gateway.streams import ReplyStreams
-from producers.gateway.submit import Ask, Finished, Live, Metrics, Refused, RouteCheck, Submitter, Tokenizer
+from producers.gateway.submit import Ask, Finished, Live, Metrics, Refused, RouteCheck, Submitter, Tokenizer, refusal
 from schemas import topics
 from schemas.events import ReplyEvent, RequestId, Sampling, StopSequence, TokenChunk
 
@@ -185,8 +185,7 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
             client = await accounts.authenticate(state["pool"], authorization)
         except accounts.Unauthorized as exc:
             metrics.unauthorized.inc()
-            return native_error(Refused(401, "invalid_api_key", str(exc), native="unauthorized",
-                                        headers={"WWW-Authenticate": 'Bearer realm="farmesh"'}))
+            return native_error(refusal(exc))
         session = await fetch_session(state["pool"], request_id)
         if session is None or session.get("account_id") not in (None, client.account_id):
             raise HTTPException(404, f"no session {request_id!r} in the ledger (yet)")

@@ -11,6 +11,7 @@ transformers) is prompted with it. Otherwise (the tiny demo model, transformers 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,17 +42,23 @@ def default_prompt(messages: Sequence[ChatMessage]) -> str:
     return "".join(parts) + "Assistant:"
 
 
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    """Compiled once per template (a tokenizer has one), not on every chat request."""
+    # Like transformers' apply_chat_template: sandboxed, trimmed blocks.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
 def render(messages: Sequence[ChatMessage], tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return default_prompt(messages)
-    # Rendered like transformers' apply_chat_template: sandboxed, trimmed blocks, a generation prompt.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
+    return _compiled(template).render(
         messages=[m.model_dump(include={"role", "content"}) for m in messages], add_generation_prompt=True,
         bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")

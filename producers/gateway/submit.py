@@ -119,8 +119,8 @@ _ACCOUNT_ERRORS: list[tuple[type[accounts.AccountError], int, str, str]] = [
 ]
 
 
-def refusal(exc: accounts.AccountError) -> tuple[Refused, str]:
-    """The HTTP refusal for an account error, and the native error name (the outcome label it counts under)."""
+def refusal(exc: accounts.AccountError) -> Refused:
+    """The HTTP refusal for an account error (its `native` error name is the outcome label it counts under)."""
     for kind, status, code, outcome in _ACCOUNT_ERRORS:
         if isinstance(exc, kind):
             headers: dict[str, str] = {}
@@ -133,8 +133,8 @@ def refusal(exc: accounts.AccountError) -> tuple[Refused, str]:
             elif isinstance(exc, accounts.QueueFull):
                 headers["Retry-After"] = str(exc.retry_after)
             param = "request_id" if status in (409, 422) else None
-            return Refused(status, code, str(exc), param=param, headers=headers, extra=extra, native=outcome), outcome
-    return Refused(400, "refused", str(exc)), "refused"
+            return Refused(status, code, str(exc), param=param, headers=headers, extra=extra, native=outcome)
+    return Refused(400, "refused", str(exc))
 
 
 class Submitter:
@@ -150,8 +150,8 @@ class Submitter:
     def models(self) -> list[str]:
         return [self.settings.model_name]
 
-    def check(self, ask: Ask) -> int:
-        """Refuse what no worker would run; returns the prompt's token count."""
+    def check(self, ask: Ask) -> None:
+        """Refuse what no worker would run."""
         if ask.model not in self.models:
             raise Refused(404, "model_not_found", f"model {ask.model!r} does not exist here; "
                           f"this mesh serves {', '.join(map(repr, self.models))} (GET /v1/models)", param="model")
@@ -165,7 +165,6 @@ class Submitter:
         if ask.deadline_seconds is not None and not 0 < ask.deadline_seconds <= self.settings.max_request_deadline:
             raise Refused(400, "invalid_value", f"the deadline must be between 0 and "
                           f"{self.settings.max_request_deadline} seconds", param="deadline")
-        return prompt_tokens
 
     async def submit(self, ask: Ask, authorization: str | None) -> Live | Finished:
         received = time.monotonic()  # time to first token counts from here: checks and reservation included
@@ -187,8 +186,8 @@ class Submitter:
             self.metrics.requests.labels("repeated").inc()
             return await self._existing(exc.existing)
         except accounts.AccountError as exc:
-            refused, outcome = refusal(exc)
-            self.metrics.requests.labels(outcome).inc()
+            refused = refusal(exc)
+            self.metrics.requests.labels(refused.native).inc()
             if refused.status == 401:
                 self.metrics.unauthorized.inc()
             elif refused.status == 402:
@@ -219,7 +218,9 @@ class Submitter:
         """The answer to a repeated request: its live stream here, else its recorded session."""
         if (stream := self.streams.get(existing.request_id)) is not None:
             return Live(existing.request_id, stream)
-        if existing.status == "released" and await fetch_session(self._pool(), existing.request_id) is None:
+        pool = self._pool()
+        session = await fetch_session(pool, existing.request_id)
+        if session is None and existing.status == "released":
             # Released without a session: it was never queued (the publish failed); it will never have a result.
             raise Refused(409, "request_not_queued", f"request {existing.request_id!r} could not be queued earlier "
                           "and was not charged; send it again with a new request_id / Idempotency-Key",
@@ -228,11 +229,12 @@ class Submitter:
         give_up = time.monotonic() + self.stream_timeout
         if existing.deadline is not None:
             give_up = max(give_up, time.monotonic() + (existing.deadline - datetime.now(timezone.utc)).total_seconds())
-        while (session := await fetch_session(self._pool(), existing.request_id)) is None:
+        while session is None:
             if time.monotonic() > give_up:
                 raise Refused(504, "timeout", f"request {existing.request_id!r} was accepted but has no result yet; "
                               "retry later", headers={"Retry-After": "5"})
             await asyncio.sleep(0.25)
+            session = await fetch_session(pool, existing.request_id)
         return Finished(
             request_id=existing.request_id, status=session["status"],
             finish_reason=session.get("finish_reason") or "error", completion=session["completion"],

@@ -17,7 +17,7 @@ from schemas.events import Sampling
 from tests.support.reference import greedy_ids, sampled_ids
 
 if TYPE_CHECKING:
-    from conftest import Swarm
+    from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.e2e
 

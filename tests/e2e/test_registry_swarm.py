@@ -36,12 +36,12 @@ from producers.gateway.app import create_app
 from schemas import topics
 from schemas.events import DeadLetter
 from tests.conftest import create_database, drop_database
-from tests.e2e.conftest import wallet_of
+from tests.support.swarm import wallet_of
 from tests.support.kafka import read_all, wait_caught_up
 from tests.support.services import serve
 
 if TYPE_CHECKING:
-    from tests.e2e.conftest import Swarm
+    from tests.support.swarm import Swarm
 
 pytestmark = pytest.mark.e2e
 

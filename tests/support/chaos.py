@@ -27,12 +27,12 @@ from aiokafka.client import CoordinationType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from db.migrate import migrate
+from db import scratch
 from farmesh import accounts, messaging, money
 from farmesh.local_services import LocalBroker, free_port, start_broker
 from farmesh.swarm import ManagedProcess
 from schemas import topics
-from schemas.events import Event, NodeContribution, SessionOutcome
+from schemas.events import Event, SessionOutcome
 from tests.support.kafka import wait_caught_up
 from tests.support.money import outcome, producer, reserve_for
 
@@ -109,18 +109,12 @@ def audit_cli(database_url: str) -> subprocess.CompletedProcess:
 @contextlib.asynccontextmanager
 async def scratch_database(admin_url: str, prefix: str = "farmesh_chaos") -> AsyncIterator[tuple[str, asyncpg.Pool]]:
     """A fresh, migrated database with a unique name on `admin_url`'s server (dropped afterwards), and a pool."""
-    from tests.conftest import create_database, drop_database
-
-    url = await create_database(admin_url, prefix=prefix)
-    try:
-        await migrate(url)
+    async with scratch.scratch_database(admin_url, prefix) as url:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
         try:
             yield url, pool
         finally:
             await pool.close()
-    finally:
-        await drop_database(admin_url, url)
 
 
 class Timer:
@@ -143,14 +137,6 @@ async def until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 # ------------------------------------------------------------------------------------------------ load
 
-def contribution_events(o: SessionOutcome) -> list[NodeContribution]:
-    """The `node.contribution` events a worker publishes after an outcome (the ledger skips them)."""
-    return [NodeContribution(event_id=c.contribution_id, request_id=o.request_id, session_event_id=o.event_id,
-                             model=o.model, peer_id=c.peer_id, start_block=c.start_block, end_block=c.end_block,
-                             tokens_processed=c.tokens_processed, earnings_far=c.earnings_far,
-                             occurred_at=o.occurred_at) for c in o.contributions]
-
-
 @dataclass
 class Load:
     """The sessions a drill pushes through the ledger, one client account paying for all of them.
@@ -165,10 +151,6 @@ class Load:
     key: str  # the account's API key (reservations)
     winners: list[SessionOutcome]
     events: list[tuple[str, Event]] = field(default_factory=list)  # (key, event)
-
-    @property
-    def request_ids(self) -> set[str]:
-        return {o.request_id for o in self.winners}
 
 
 async def make_load(pool: asyncpg.Pool, sessions: int) -> Load:
@@ -186,7 +168,7 @@ async def make_load(pool: asyncpg.Pool, sessions: int) -> Load:
         if i % 7 == 0:  # ran again after a redelivery: more tokens, other ids; never charged
             outcomes.append(outcome(first.request_id, issued.account_id, 8, now, i=i + 1, fee=FEE))
         for o in outcomes:
-            load.events += [(o.request_id, e) for e in (o, *contribution_events(o))]
+            load.events += [(o.request_id, e) for e in (o, *o.contribution_events())]
     return load
 
 

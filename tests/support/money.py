@@ -34,22 +34,19 @@ class MoneyEnv:
 
 @contextlib.asynccontextmanager
 async def money_env(tmp: Path, admin_url: str) -> AsyncIterator[MoneyEnv]:
-    from db.migrate import migrate
+    from db.scratch import scratch_database
     from farmesh.local_services import start_broker
-    from tests.conftest import create_database, drop_database
 
     broker = start_broker(tmp / "kafka")
-    url = await create_database(admin_url, prefix="farmesh_money")
     try:
-        await migrate(url)
-        await messaging.ensure_topics(broker.bootstrap, messaging.mesh_topics(3))
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=6)
-        try:
-            yield MoneyEnv(broker.bootstrap, url, pool)
-        finally:
-            await pool.close()
+        async with scratch_database(admin_url, "farmesh_money") as url:
+            await messaging.ensure_topics(broker.bootstrap, messaging.mesh_topics(3))
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=6)
+            try:
+                yield MoneyEnv(broker.bootstrap, url, pool)
+            finally:
+                await pool.close()
     finally:
-        await drop_database(admin_url, url)
         broker.stop()
 
 
