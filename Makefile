@@ -12,6 +12,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.lock
 	$(BIN)/pip install --no-deps petals==2.2.0.post1
+	# PyPI's torch 2.13 pulls in triton 3, whose triton.ops is gone; bitsandbytes 0.41.1 (petals' dependency)
+	# imports it when triton is present, and every Petals server then fails to start. Nothing here uses triton
+	# (no torch.compile): without it bitsandbytes skips its triton kernels.
+	$(BIN)/pip uninstall -y triton
 	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from farmesh import money
-from farmesh.pricing import Work, fee_rate_units, settlement
+from schemas import money
+from farmesh.billing.pricing import Work, fee_rate_units, settlement
 from schemas.events import Contribution, InferenceCompleted, NodeContribution
 
 PRICE = Decimal("0.0001")

@@ -1,9 +1,9 @@
 """Gateway + Kafka vs a direct Petals client on the same swarm: time to first token and streamed tokens/s.
 
-Starts the whole local mesh like `farmesh up` (farmesh.local_mesh.LocalMesh: noida-db broker, DHT, two
+Starts the whole local mesh like `farmesh up` (farmesh.dev.local_mesh.LocalMesh: noida-db broker, DHT, two
 Petals nodes serving halves of the tiny model, ledger, payments, registry, inference worker, gateway; all on
 127.0.0.1; the database is a scratch one on FARMESH_BENCH_DATABASE_URL's server, dropped afterwards), loads a
-direct client (farmesh.generation.load_client) on the same DHT, warms both up, then alternates requests:
+direct client (consumers.inference.generation.load_client) on the same DHT, warms both up, then alternates requests:
 
 - gateway: POST /api/inference/generate (SSE) with the mesh's demo key; time from sending the request;
 - direct:  MeshClient.generate_stream(prompt, n, on_token) in this process.
@@ -74,7 +74,7 @@ def gateway_run(http: httpx.Client, url: str, key: str, max_tokens: int) -> Run:
     return Run(times[0] - t0, len(times), times[-1] - times[0])
 
 
-def direct_run(client, max_tokens: int) -> Run:  # noqa: ANN001 - farmesh.generation.MeshClient
+def direct_run(client, max_tokens: int) -> Run:  # noqa: ANN001 - consumers.inference.generation.MeshClient
     times: list[float] = []
     t0 = time.perf_counter()
     client.generate_stream(PROMPT, max_tokens, lambda *_: times.append(time.perf_counter()))
@@ -95,9 +95,9 @@ def summary(name: str, runs: list[Run]) -> tuple[float, float]:
 
 
 def main(requests: int, max_tokens: int, warmup: int) -> int:
-    from farmesh.generation import load_client
-    from farmesh.local_mesh import LocalMesh
-    from farmesh.settings import Settings
+    from consumers.inference.generation import load_client
+    from farmesh.dev.local_mesh import LocalMesh
+    from farmesh.runtime.settings import Settings
 
     loop = asyncio.new_event_loop()
     database = scratch_database("farmesh_bench_gateway", migrated=False)
@@ -149,7 +149,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    from farmesh.local_mesh import stop_on_signals
+    from farmesh.dev.local_mesh import stop_on_signals
 
     with stop_on_signals():  # SIGTERM/SIGINT unwind through LocalMesh, which stops every child by pid
         code = main(args.requests, args.max_tokens, args.warmup)

@@ -1,7 +1,7 @@
 """Ledger ingest of contributions vs a raw asyncpg COPY of the same rows.
 
 The ledger side is the consumer's own code path (consumers/ledger/consumer.py `record`): per consumer
-batch of 500 Kafka records, parse them (consumers.ledger.rules.outcomes_of), check money and accounts
+batch of 500 Kafka records, parse them (farmesh.billing.acceptance.outcomes_of), check money and accounts
 (reject_reasons), write sessions, contributions, settlement postings and closed reservations in one
 transaction (consumers.ledger.repository.record_outcomes). The records are the bytes the worker publishes
 (one inference.completed + one node.contribution per node). Then the same records again: idempotent, the
@@ -32,8 +32,9 @@ import asyncpg
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
 from bench._sessions import PEERS, PRICE, Record, session_events, wire
 from consumers.ledger.repository import record_outcomes
-from consumers.ledger.rules import outcomes_of, reject_reasons
-from farmesh import accounts, money
+from farmesh.billing.acceptance import outcomes_of, reject_reasons
+from farmesh.billing import accounts
+from schemas import money
 from schemas import topics
 from schemas.events import InferenceCompleted
 

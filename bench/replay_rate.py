@@ -1,9 +1,9 @@
 """`farmesh replay` rate vs raw aiokafka consumption of the same topic.
 
-A noida-db broker of our own (farmesh.local_services.start_broker, 127.0.0.1) gets N sessions on
+A noida-db broker of our own (farmesh.dev.local_services.start_broker, 127.0.0.1) gets N sessions on
 farmesh.sessions (the worker's records: one inference.completed + one node.contribution per node, keyed
 by request_id, 6 partitions). Baseline: a group-less AIOKafkaConsumer reading every partition from the
-earliest offset to the end. Measured: farmesh.replay.replay(), what `farmesh replay` runs (read the
+earliest offset to the end. Measured: consumers.ledger.replay.replay(), what `farmesh replay` runs (read the
 same records, validate, apply the ledger's rule, rebuild the far_replay schema in a scratch database).
 Alternating rounds. The baseline is the FASTEST raw round (raw reads on the dev broker sometimes stall
 ~0.5 s on a fetch wait; a stalled baseline would flatter the ratio), the replay figure the median round.
@@ -28,9 +28,11 @@ import asyncpg
 
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
 from bench._sessions import PRICE, session_events, wire
-from farmesh import accounts, messaging, money
-from farmesh.local_services import start_broker
-from farmesh.replay import CONTRIBUTION_HEADER, replay
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from farmesh.dev.local_services import start_broker
+from consumers.ledger.replay import CONTRIBUTION_HEADER, replay
 from schemas import topics
 from schemas.events import session_event_adapter
 

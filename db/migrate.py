@@ -275,27 +275,16 @@ async def status(dsn: str, *, migrations_dir: Path | Traversable | None = None) 
 # --------------------------------------------------------------------------- CLI
 
 
-def _run(coro):  # noqa: ANN001, ANN202
-    """Run a migrations coroutine for the CLI; database and migration errors become clean messages."""
-    try:
-        return asyncio.run(coro)
-    except MigrationError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise click.ClickException(f"database error: {type(exc).__name__}: {exc}") from exc
-
-
 def _dsn(database_url: str | None) -> str:
-    if database_url:
-        return database_url
-    from farmesh.settings import Settings
-
-    return Settings().require_database_url()
+    if not database_url:
+        raise click.UsageError("no database: pass --database-url or set FARMESH_DATABASE_URL")
+    return database_url
 
 
+# Failures (database unreachable, a changed migration) are shown by the `farmesh` root command's error mapping.
 _database_url_option = click.option(
-    "--database-url", default=None, metavar="URL",
-    help="PostgreSQL URL (default: $FARMESH_DATABASE_URL).",
+    "--database-url", envvar="FARMESH_DATABASE_URL", default=None, metavar="URL",
+    help="PostgreSQL URL [FARMESH_DATABASE_URL].",
 )
 
 
@@ -308,7 +297,7 @@ def db_group() -> None:
 @_database_url_option
 def migrate_command(database_url: str | None) -> None:
     """Apply pending migrations."""
-    applied = _run(migrate(_dsn(database_url)))
+    applied = asyncio.run(migrate(_dsn(database_url)))
     for migration in applied:
         click.echo(f"applied {migration.label}")
     if not applied:
@@ -328,7 +317,7 @@ def rollback_command(database_url: str | None, to_version: int | None, steps: in
         raise click.UsageError("--to and --steps are mutually exclusive")
     dsn = _dsn(database_url)
     if not yes and sys.stdin.isatty():
-        states = _run(status(dsn))
+        states = asyncio.run(status(dsn))
         labels = {s.version: s.label for s in states}
         targets = _select_for_rollback(
             [s.version for s in states if s.applied_at is not None], to_version, steps)
@@ -337,7 +326,7 @@ def rollback_command(database_url: str | None, to_version: int | None, steps: in
             return
         click.confirm(f"Revert {', '.join(labels[v] for v in targets)}? This drops their tables and data",
                       abort=True)
-    reverted = _run(rollback(dsn, to_version, steps=steps))
+    reverted = asyncio.run(rollback(dsn, to_version, steps=steps))
     for migration in reverted:
         click.echo(f"reverted {migration.label}")
     if not reverted:
@@ -348,7 +337,7 @@ def rollback_command(database_url: str | None, to_version: int | None, steps: in
 @_database_url_option
 def status_command(database_url: str | None) -> None:
     """Show each migration and whether it is applied."""
-    states = _run(status(_dsn(database_url)))
+    states = asyncio.run(status(_dsn(database_url)))
     for s in states:
         when = s.applied_at.isoformat(timespec="seconds") if s.applied_at else "-"
         click.echo(f"{s.label}  {s.state}  {when}")

@@ -1,133 +1,122 @@
-"""`farmesh` command line: every service, the local mesh and the operator tools.
+"""`farmesh`, the root command: a table of subcommands, each imported only when it runs.
 
-Every setting comes from a FARMESH_* environment variable and can be overridden by the flag
-of the same name (FARMESH_KAFKA_BOOTSTRAP <-> --kafka-bootstrap).
+Every subcommand lives next to what it runs (a consumer group's `cli.py`, the gateway's, the provider node's,
+the database's migrations, the development tools). The table names them by module and attribute, so this
+module imports none of them: no import cycle, and `farmesh --help` or `farmesh db status` loads neither torch
+nor the consumers. Every command runs under the one error mapping (farmesh/runtime/errors.py): a failure ends
+with one clear line and exit code 1, never a traceback.
+
+Every setting comes from a FARMESH_* environment variable and can be overridden by the flag of the same name
+(FARMESH_KAFKA_BOOTSTRAP <-> --kafka-bootstrap).
 """
 from __future__ import annotations
 
-import asyncio
-import functools
+import importlib
 import logging
 import os
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import click
 
-from farmesh.settings import Settings
+log = logging.getLogger(__name__)
 
-# Flags shared by the services; each maps onto a Settings field of the same name.
-_SETTING_FLAGS = {
-    "kafka_bootstrap": click.option("--kafka-bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers [FARMESH_KAFKA_BOOTSTRAP]"),
-    "database_url": click.option("--database-url", metavar="URL", help="PostgreSQL URL [FARMESH_DATABASE_URL]"),
-    "initial_peers": click.option("--initial-peers", metavar="MADDRS", help="Our DHT bootstrap multiaddrs, comma separated [FARMESH_INITIAL_PEERS]"),
-    "model": click.option("--model", metavar="DIR", help="Model directory [FARMESH_MODEL]"),
-    "dht_prefix": click.option("--dht-prefix", help="DHT prefix of the model's blocks [FARMESH_DHT_PREFIX]"),
-    "price_per_token": click.option("--price-per-token", metavar="FAR", help="Price per generated token [FARMESH_PRICE_PER_TOKEN]"),
-    "node_timeout": click.option("--node-timeout", metavar="SECONDS", help="A node not heard from this long is offline [FARMESH_NODE_TIMEOUT]"),
-    "heartbeat_max_skew": click.option("--heartbeat-max-skew", metavar="SECONDS", help="Refuse heartbeats this far from their log time [FARMESH_HEARTBEAT_MAX_SKEW]"),
+# name -> ("module:attribute", short help). The short help is what `farmesh --help` lists without importing;
+# tests/unit/test_cli.py checks it against each command's own docstring.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "gateway": ("producers.gateway.cli:gateway",
+                'The HTTP gateway (SSE generation, sessions, health, metrics).'),
+    "worker": ("consumers.inference.cli:worker",
+                'Consumer group `inference`: runs requests on the Petals swarm.'),
+    "ledger": ("consumers.ledger.cli:ledger",
+                'Consumer group `ledger`: records sessions and contributions in PostgreSQL.'),
+    "payments": ("consumers.payments.cli:payments_group",
+                'Consumer group `payments`: payable work by ISO week; weekly payment batches.'),
+    "registry": ("consumers.registry.cli:registry",
+                'Consumer group `registry`: verifies signed heartbeats, keeps far_nodes, times silent nodes out.'),
+    "keys": ("consumers.ledger.keys:keys_group",
+                'Client accounts and their API keys (only a hash of each key is stored).'),
+    "replay": ("consumers.ledger.cli:replay_command",
+                'Rebuild sessions, contributions and earnings from the event log into schema far_replay.'),
+    "report": ("consumers.ledger.cli:report_group", 'Usage and earnings reports from the ledger.'),
+    "node": ("producers.node.server:node_command",
+                'Serve transformer blocks of a local model to the mesh until SIGTERM/SIGINT.'),
+    "dht": ("farmesh.swarm.dht:dht_command",
+                "Run the mesh's DHT bootstrap peer until SIGTERM/SIGINT."),
+    "db": ("db.migrate:db_group", 'Database schema: migrate, rollback, status.'),
+    "up": ("farmesh.dev.cli:up", 'Run the whole mesh locally until Ctrl-C / SIGTERM.'),
+    "demo": ("farmesh.dev.cli:demo",
+                "Start the local mesh, send the plan's request, print the stream and the ledger, stop."),
+    "model": ("farmesh.dev.tiny_model:model_group", 'Model directories for a local mesh.'),
+    "docs": ("farmesh.cli:docs", 'Generated documentation.'),
 }
 
 
-def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the named setting flags and pass a `settings` built from env + flags."""
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(**kwargs: Any) -> Any:
-            given = {n: kwargs.pop(n) for n in names}
-            overrides = {n: v for n, v in given.items() if v is not None}
-            try:
-                settings = Settings(**overrides)
-            except ValueError as exc:
-                raise click.UsageError(str(exc)) from exc
-            return fn(settings=settings, **kwargs)
-        for name in reversed(names):
-            wrapper = _SETTING_FLAGS[name](wrapper)
-        return wrapper
-    return decorate
+def load(name: str) -> click.Command:
+    """The command registered as `name`, imported now."""
+    module, _, attribute = COMMANDS[name][0].partition(":")
+    command = getattr(importlib.import_module(module), attribute)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{COMMANDS[name][0]} is not a click command")
+    return command
 
 
-def flags_to_subcommand(ctx: click.Context) -> None:
-    """For a group that is also a service (`farmesh ledger`, `farmesh payments`): flags given before a
-    subcommand (`farmesh payments --database-url URL close ...`) become that subcommand's defaults."""
-    given = {name: value for name, value in ctx.params.items()
-             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    if given and ctx.invoked_subcommand:
-        defaults = dict(ctx.default_map or {})
-        defaults[ctx.invoked_subcommand] = {**given, **(defaults.get(ctx.invoked_subcommand) or {})}
-        ctx.default_map = defaults
+class _Table(Mapping[str, click.Command]):
+    """The table as the group's `commands`: a command is imported when it is looked up."""
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in COMMANDS:
+            raise KeyError(name)
+        return load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(COMMANDS))
+
+    def __len__(self) -> int:
+        return len(COMMANDS)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class FarmeshCLI(click.Group):
+    """The lazy table above, and the one error mapping around whatever command runs."""
+
+    @property
+    def commands(self) -> Mapping[str, click.Command]:  # type: ignore[override]
+        return _Table()
+
+    @commands.setter
+    def commands(self, value: Mapping[str, click.Command]) -> None:
+        if value:  # click.Group.__init__ sets it to {}; commands are added to COMMANDS instead
+            raise TypeError("add farmesh commands to farmesh.cli.COMMANDS")
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place every failure becomes one line
+            from farmesh.runtime.errors import one_line
+
+            log.debug("command failed", exc_info=exc)
+            raise click.ClickException(one_line(exc)) from None
+
+
+@click.group(cls=FarmeshCLI, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="INFO", envvar="FARMESH_LOG_LEVEL", show_default=True)
 def cli(log_level: str) -> None:
     """Far Mesh: pay-per-token distributed LLM inference."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
 
 
-@cli.command()
-@with_settings("kafka_bootstrap", "database_url", "initial_peers", "model", "dht_prefix", "price_per_token")
-@click.option("--host", default=None, help="Listen address [FARMESH_GATEWAY_HOST, 127.0.0.1]")
-@click.option("--port", type=int, default=None, help="Listen port [FARMESH_GATEWAY_PORT, 8000]")
-def gateway(settings: Settings, host: str | None, port: int | None) -> None:
-    """The HTTP gateway (SSE generation, sessions, health, metrics)."""
-    from farmesh.services import run_gateway
-
-    settings = settings.model_copy(update={k: v for k, v in (("gateway_host", host), ("gateway_port", port)) if v is not None})
-    asyncio.run(run_gateway(settings))
-
-
-@cli.command()
-@with_settings("kafka_bootstrap", "database_url", "initial_peers", "model", "dht_prefix")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--metrics-port", type=int, default=9101, show_default=True, help="/metrics and /health")
-def worker(settings: Settings, metrics_host: str, metrics_port: int) -> None:
-    """Consumer group `inference`: runs requests on the Petals swarm.
-
-    With a database it prefers routes through the nodes the registry knows as online.
-    """
-    from farmesh.services import run_worker
-
-    asyncio.run(run_worker(settings, metrics_host, metrics_port))
-
-
-@cli.group(invoke_without_command=True)
-@with_settings("kafka_bootstrap", "database_url")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--metrics-port", type=int, default=9102, show_default=True, help="/metrics and /health")
-@click.pass_context
-def ledger(ctx: click.Context, settings: Settings, metrics_host: str, metrics_port: int) -> None:
-    """Consumer group `ledger`: records sessions and contributions in PostgreSQL.
-
-    Without a subcommand, runs the consumer service; `farmesh ledger audit` checks the money invariants.
-    """
-    if ctx.invoked_subcommand is not None:
-        flags_to_subcommand(ctx)
-        return
-    from farmesh.services import run_ledger
-
-    asyncio.run(run_ledger(settings, metrics_host, metrics_port))
-
-
-@cli.group(invoke_without_command=True)
-@with_settings("kafka_bootstrap", "database_url", "node_timeout", "heartbeat_max_skew")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--metrics-port", type=int, default=9104, show_default=True, help="/metrics and /health")
-@click.pass_context
-def registry(ctx: click.Context, settings: Settings, metrics_host: str, metrics_port: int) -> None:
-    """Consumer group `registry`: verifies signed heartbeats, keeps far_nodes, times silent nodes out.
-
-    Without a subcommand, runs the consumer service; `farmesh registry rebuild` replays the heartbeat topic.
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from farmesh.services import run_registry
-
-    asyncio.run(run_registry(settings, metrics_host, metrics_port))
-
-
-@cli.group()
+@click.group()
 def docs() -> None:
     """Generated documentation."""
 
@@ -141,56 +130,6 @@ def asyncapi(fmt: str) -> None:
     click.echo(document(fmt))
 
 
-@cli.command()
-@with_settings("kafka_bootstrap", "database_url", "model", "price_per_token")
-@click.option("--gateway-port", type=int, default=None, help="Gateway port (default: FARMESH_GATEWAY_PORT, 8000; 0 = any free port)")
-@click.option("--nodes", type=click.IntRange(1, 8), default=2, show_default=True, help="Petals nodes sharing the model's blocks")
-def up(settings: Settings, gateway_port: int | None, nodes: int) -> None:
-    """Run the whole mesh locally until Ctrl-C / SIGTERM."""
-    from farmesh.local_mesh import run_up
-
-    sys.exit(run_up(settings, gateway_port, nodes))
-
-
-@cli.command()
-@with_settings("kafka_bootstrap", "database_url", "model", "price_per_token")
-@click.option("--gateway-port", type=int, default=0, show_default=True, help="0 = any free port")
-@click.option("--nodes", type=click.IntRange(1, 8), default=2, show_default=True)
-@click.option("--prompt", default="Hello, how are you?", show_default=True)
-@click.option("--max-tokens", type=int, default=100, show_default=True)
-def demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max_tokens: int) -> None:
-    """Start the local mesh, send the plan's request, print the stream and the ledger, stop."""
-    from farmesh.local_mesh import run_demo
-
-    sys.exit(run_demo(settings, gateway_port, nodes, prompt, max_tokens))
-
-
-def _register() -> None:
-    # Commands that live next to what they run.
-    from db import migrate
-    from farmesh import swarm, tiny_model
-
-    cli.add_command(tiny_model.model_group)   # farmesh model tiny DIR
-    cli.add_command(swarm.dht_command)        # farmesh dht
-    cli.add_command(swarm.node_command)       # farmesh node
-    cli.add_command(migrate.db_group)         # farmesh db migrate|rollback|status
-    from consumers.registry.cli import rebuild_command
-
-    registry.add_command(rebuild_command)     # farmesh registry rebuild
-    # Money: accounts and keys, the ledger's audit, payments, analytics replay and reports.
-    from consumers.ledger.cli import audit_command
-    from consumers.payments.cli import payments_group
-    from farmesh.keys import keys_group
-    from farmesh.replay import replay_command
-    from farmesh.reports import report_group
-
-    ledger.add_command(audit_command)         # farmesh ledger audit
-    cli.add_command(keys_group)               # farmesh keys create|list|revoke|credit
-    cli.add_command(payments_group)           # farmesh payments [close|export|mark-paid]
-    cli.add_command(replay_command)           # farmesh replay [--since] [--verify]
-    cli.add_command(report_group)             # farmesh report usage --by model|node|day
-
-
 def main() -> None:
     # hivemind forks after tokenizers may have started threads; their parallelism only adds a warning here.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -199,7 +138,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # transformers 4.33 warns about a torch API rename on import; it is the pinned pair, not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    _register()
     cli()
 
 

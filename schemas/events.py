@@ -22,8 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from farmesh import money
-
+from schemas import money
 SCHEMA_VERSION = 1
 
 RequestId = Annotated[
@@ -69,7 +68,7 @@ StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 class Sampling(BaseModel):
     """How the next token is chosen.  temperature 0 is greedy (top_p, top_k and seed then change nothing).
 
-    Sampling draws from a random generator seeded by sha256(request_id, seed) (farmesh.sampling), so a
+    Sampling draws from a random generator seeded by sha256(request_id, seed) (consumers.inference.sampling), so a
     request that is redelivered to another worker regenerates exactly the same tokens.
     """
 
@@ -255,7 +254,7 @@ class NodeHeartbeat(Event):
 
     Signed with the node's libp2p identity key (the key behind its peer id): ``public_key`` is the
     libp2p protobuf-encoded public key (base64) and must hash to ``peer_id``; ``signature`` (base64)
-    covers the canonical JSON of every other field (farmesh.heartbeat.signing_bytes). The registry
+    covers the canonical JSON of every other field (farmesh.swarm.identity.signing_bytes). The registry
     rejects unsigned, badly signed, stale (not newer than the last accepted one) and malformed ones.
     """
 

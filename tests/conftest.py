@@ -25,7 +25,7 @@ import pytest
 
 from db import scratch
 from db.scratch import drop_database
-from farmesh.local_services import start_broker, start_postgres
+from farmesh.dev.local_services import start_broker, start_postgres
 
 LOCAL_POSTGRES_URL = "postgresql://127.0.0.1:5432/postgres"
 
@@ -121,7 +121,7 @@ async def empty_database_url(postgres_admin_url: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama + tokenizer, written once per session (end-to-end and chaos tests)."""
-    from farmesh.tiny_model import write_tiny_model
+    from farmesh.dev.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -29,9 +29,7 @@ from typing import Any
 import asyncpg
 
 from consumers.payments.repository import ITEMS_HIGH_WATER
-from farmesh import money
-
-
+from schemas import money
 @dataclass(frozen=True)
 class Break:
     check: str

@@ -17,8 +17,8 @@ from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from consumers.ledger.repository import record_outcomes
-from consumers.ledger.rules import outcomes_of, reject_reasons
-from farmesh import messaging
+from farmesh.billing.acceptance import outcomes_of, reject_reasons
+from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import Contribution
 

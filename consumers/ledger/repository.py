@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import asyncpg
 
-from farmesh import accounts
+from farmesh.billing import accounts
 from schemas.events import Contribution, InferenceCompleted, SessionOutcome
 
 # Per batch, the outcomes and their contributions are COPYed into two temporary staging tables (one pair per

@@ -14,9 +14,10 @@ import click
 from prometheus_client import CollectorRegistry, write_to_textfile
 
 from consumers.payments import repository
-from farmesh import messaging, money
-from farmesh.cli import flags_to_subcommand, with_settings
-from farmesh.settings import Settings
+from farmesh.kafka import messaging
+from schemas import money
+from farmesh.runtime.options import flags_to_subcommand, with_settings
+from farmesh.runtime.settings import Settings
 from schemas import topics
 
 
@@ -30,17 +31,6 @@ def _json_default(value: Any) -> Any:
 
 def _far(value: Decimal) -> str:
     return money.text(value)
-
-
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except repository.PaymentsError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except asyncpg.UndefinedTableError as exc:
-        raise click.ClickException(f"{exc} (run `farmesh db migrate`)") from exc
-    except (asyncpg.PostgresError, OSError) as exc:
-        raise click.ClickException(f"database error: {type(exc).__name__}: {exc}") from exc
 
 
 @click.group("payments", invoke_without_command=True)
@@ -57,7 +47,7 @@ def payments_group(ctx: click.Context, settings: Settings, metrics_host: str, me
     if ctx.invoked_subcommand is not None:
         flags_to_subcommand(ctx)
         return
-    from farmesh.services import run_payments
+    from consumers.payments.service import run_payments
 
     asyncio.run(run_payments(settings, metrics_host, metrics_port))
 
@@ -93,7 +83,7 @@ def close(settings: Settings, week: str, min_payout: str | None, metrics_textfil
         minimum = money.to_base_units(Decimal(min_payout)) if min_payout is not None else settings.min_payout_base_units
     except (ArithmeticError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--min-payout") from None
-    closed = _run(_close(settings, week, minimum, metrics_textfile))
+    closed = asyncio.run(_close(settings, week, minimum, metrics_textfile))
     e = closed.event
     state = "closed" if closed.created else f"was closed already at {e.closed_at.isoformat(timespec='seconds')}; same batch"
     click.echo(f"{e.week} {state}: {len(e.lines)} line(s), total {_far(e.total_far)} FAR "
@@ -120,7 +110,7 @@ def export(settings: Settings, week: str, fmt: str, output: Any) -> None:
         finally:
             await conn.close()
 
-    batch = _run(work())
+    batch = asyncio.run(work())
     if fmt == "json":
         output.write(json.dumps(batch, default=_json_default, indent=2) + "\n")
         return
@@ -146,6 +136,6 @@ def mark_paid(settings: Settings, batch: str, tx_ref: str) -> None:
         finally:
             await conn.close()
 
-    paid = _run(work())
+    paid = asyncio.run(work())
     click.echo(f"marked paid with {tx_ref}: line(s) {', '.join(map(str, paid))}" if paid else f"already paid with {tx_ref}")
 

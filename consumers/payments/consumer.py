@@ -18,9 +18,9 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from consumers.ledger.rules import outcomes_of, reject_reasons
+from farmesh.billing.acceptance import outcomes_of, reject_reasons
 from consumers.payments.repository import record_payable
-from farmesh import messaging
+from farmesh.kafka import messaging
 from schemas import topics
 
 log = logging.getLogger(__name__)

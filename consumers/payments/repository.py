@@ -26,7 +26,10 @@ from typing import Any, Sequence
 
 import asyncpg
 
-from farmesh import accounts, money
+from farmesh.billing import accounts
+
+from farmesh.runtime.errors import Refused
+from schemas import money
 from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
 
 _PAYOUT_NAMESPACE = uuid.UUID("0b7f6a0e-93d4-4c0e-8d55-6c1c3d5e2a90")
@@ -35,7 +38,7 @@ CLOSE_LOCK = "farmesh.payments.close"
 ITEMS_HIGH_WATER = "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM far_payment_items_seq_seq"
 
 
-class PaymentsError(Exception):
+class PaymentsError(Refused):
     """A payments operation that cannot be done as asked."""
 
 

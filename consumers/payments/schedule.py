@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.payments import repository
 from consumers.payments.repository import iso_week, next_week, week_start
-from farmesh import messaging
+from farmesh.kafka import messaging
 from schemas import topics
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""`farmesh registry rebuild`: the node registry rebuilt from the heartbeat topic alone."""
+"""The registry group's commands: `farmesh registry` (the consumer service) and `farmesh registry rebuild` (the
+node registry rebuilt from the heartbeat topic alone)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,8 @@ import asyncio
 import asyncpg
 import click
 
-from farmesh.settings import Settings
+from farmesh.runtime.options import with_settings
+from farmesh.runtime.settings import Settings
 from schemas import topics
 
 
@@ -43,3 +45,23 @@ async def _rebuild(settings: Settings, database_url: str, until_group: str | Non
         return counts
     finally:
         await pool.close()
+
+
+@click.group("registry", invoke_without_command=True)
+@with_settings("kafka_bootstrap", "database_url", "node_timeout", "heartbeat_max_skew")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--metrics-port", type=int, default=9104, show_default=True, help="/metrics and /health")
+@click.pass_context
+def registry(ctx: click.Context, settings: Settings, metrics_host: str, metrics_port: int) -> None:
+    """Consumer group `registry`: verifies signed heartbeats, keeps far_nodes, times silent nodes out.
+
+    Without a subcommand, runs the consumer service; `farmesh registry rebuild` replays the heartbeat topic.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from consumers.registry.service import run_registry
+
+    asyncio.run(run_registry(settings, metrics_host, metrics_port))
+
+
+registry.add_command(rebuild_command)

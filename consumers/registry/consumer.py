@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from consumers.registry import repository, rules
-from farmesh import messaging
-from farmesh.heartbeat import SignatureError, verify_payload
+from farmesh.kafka import messaging
+from farmesh.swarm.identity import SignatureError, verify_payload
 from schemas import topics
 from schemas.events import NodeHeartbeat, NodeTimedOut, node_event_adapter
 

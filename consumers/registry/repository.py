@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from consumers.registry.coverage import NodeSpan
+from db.views.coverage import NodeSpan
 from consumers.registry.rules import NodeRow, StateChange
 
 _SELECT_ROWS = f"""

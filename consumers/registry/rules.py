@@ -2,7 +2,7 @@
 
 Every decision depends only on the node's row and the event with its log position and log time, never on
 the registry's wall clock, so replaying the heartbeat topic from the beginning makes the same decisions and
-rebuilds the same table (state history included). Signatures are checked before (farmesh.heartbeat).
+rebuilds the same table (state history included). Signatures are checked before (farmesh.swarm.identity).
 
 Heartbeat, in this order:
   duplicate  not newer than the last accepted heartbeat, and it *is* that heartbeat (same event id) or a record

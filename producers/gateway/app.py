@@ -34,8 +34,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consumers.ledger.repository import fetch_session
-from farmesh import accounts, messaging, money
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from farmesh.runtime.settings import Settings
 from producers.gateway import discovery, openai_api
 from producers.gateway.discovery import LiveCoverage
 from producers.gateway.streams import ReplyStreams

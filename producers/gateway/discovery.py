@@ -6,7 +6,7 @@ GET /api/swarm                 per model and block: online nodes, total throughp
                                the gateway's own model (which servers answer, and which of them are not registered)
 GET /status                    a small self-contained HTML page rendering the same (no external assets)
 
-FAR amounts are exact decimal strings (farmesh.money.text).
+FAR amounts are exact decimal strings (schemas.money.text).
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from consumers.registry import repository
-from consumers.registry.coverage import ModelHealth, model_health, swarm_health
-from farmesh import money
-
+from db.views.coverage import ModelHealth, model_health, swarm_health
+from schemas import money
 log = logging.getLogger(__name__)
 
 State = Literal["joining", "online", "draining", "offline", "unknown"]
-LiveCoverage = Callable[[], Awaitable[Sequence[Any]]]  # farmesh.swarm_view.BlockCoverage items
+LiveCoverage = Callable[[], Awaitable[Sequence[Any]]]  # farmesh.swarm.view.BlockCoverage items
 
 
 def _json(value: Any, status_code: int = 200) -> JSONResponse:

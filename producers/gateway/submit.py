@@ -2,7 +2,7 @@
 
 1. Check it: a model this gateway serves (404), a prompt within max_prompt_tokens and max_tokens within
    max_new_tokens (400), a deadline within bounds.
-2. Reserve max_tokens x price on the caller's account (farmesh.accounts.reserve): 401 / 402, 429 when the
+2. Reserve max_tokens x price on the caller's account (farmesh.billing.accounts.reserve): 401 / 402, 429 when the
    model already has max_pending_requests pending over all gateways, and idempotency: the same account
    repeating a request id (or Idempotency-Key) with the same parameters gets that request's stream (if this
    gateway still streams it) or its recorded result; with other parameters, 422; another account's id, 409.
@@ -27,8 +27,10 @@ from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.ledger.repository import fetch_session
-from farmesh import accounts, messaging, money
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from farmesh.runtime.settings import Settings
 from producers.gateway.streams import ReplyEvent, ReplyStream, ReplyStreams
 from schemas import topics
 from schemas.events import InferenceCancelled, InferenceRequested, Sampling, StreamEnded, TokenChunk, Usage

@@ -19,7 +19,7 @@ from collections import Counter
 
 import pytest
 
-from farmesh.local_services import start_broker
+from farmesh.dev.local_services import start_broker
 from schemas import topics
 from tests.support.chaos import Timer, ledger_drill
 from tests.support.kafka import read_all

@@ -1,6 +1,6 @@
 """Fault drill: a node dies mid-generation while a spare serves the same blocks.
 
-Petals 2.2 alone never recovers (petals#587); with farmesh.petals_compat's failover fix the session moves
+Petals 2.2 alone never recovers (petals#587); with farmesh.swarm.petals_compat's failover fix the session moves
 to the spare and finishes with exactly the greedy tokens, and the work record names both servers.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from farmesh import generation
-from farmesh.swarm import start_dht, start_node
+from consumers.inference import generation
+from farmesh.dev.swarm import start_dht, start_node
 from tests.support.reference import greedy_ids
 
 pytestmark = pytest.mark.e2e

@@ -2,7 +2,7 @@
 
 An embedded PostgreSQL of the drill's own (never the shared server) is shut down (fast: open transactions are
 rolled back, clients disconnected) and started again on the same port 10 s later. The ledger process must
-survive: a batch whose write fails waits for the database (farmesh.services.DatabaseWait) and is then rewound,
+survive: a batch whose write fails waits for the database (farmesh.runtime.serving.DatabaseWait) and is then rewound,
 not committed, and delivered again; so once the database is back every session is recorded exactly once, every
 balance is exact, and `farmesh ledger audit` passes.
 """
@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from farmesh.local_services import start_postgres
+from farmesh.dev.local_services import start_postgres
 from tests.support.chaos import Timer, ledger_drill
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,9 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from farmesh import accounts, messaging
+from farmesh.billing import accounts
+
+from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import (
     InferenceRequested,

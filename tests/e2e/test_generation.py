@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from farmesh.generation import GenerationError, MeshClient, _TextStream, load_client
+from consumers.inference.generation import GenerationError, MeshClient, _TextStream, load_client
 from schemas.events import Sampling
 from tests.support.reference import greedy_ids, sampled_ids
 

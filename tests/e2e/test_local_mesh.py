@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from farmesh.local_services import pid_alive
+from farmesh.dev.local_services import pid_alive
 from tests.support.money import farmesh
 
 pytestmark = pytest.mark.e2e

@@ -9,12 +9,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
-from consumers.inference import worker
+from consumers.inference import consumer as worker
 from consumers.ledger import consumer as ledger
-from farmesh import accounts, messaging, money
-from farmesh.generation import load_client
-from farmesh.settings import Settings
-from farmesh.swarm_view import SwarmView
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from consumers.inference.generation import load_client
+from farmesh.runtime.settings import Settings
+from farmesh.swarm.view import SwarmView
 from producers.gateway.app import create_app
 from schemas import topics
 from tests.support.kafka import read_all, wait_caught_up

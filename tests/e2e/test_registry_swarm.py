@@ -26,12 +26,12 @@ from prometheus_client import CollectorRegistry
 from consumers.registry import consumer as registry
 from consumers.registry.repository import online_peers, snapshot
 from db.migrate import migrate
-from farmesh import messaging
-from farmesh.generation import load_client
-from farmesh.heartbeat import NodeIdentity, signing_bytes
-from farmesh.routing import RoutePreference
-from farmesh.settings import Settings
-from farmesh.swarm_view import SwarmView
+from farmesh.kafka import messaging
+from consumers.inference.generation import load_client
+from farmesh.swarm.identity import NodeIdentity, signing_bytes
+from consumers.inference.routing import RoutePreference
+from farmesh.runtime.settings import Settings
+from farmesh.swarm.view import SwarmView
 from producers.gateway.app import create_app
 from schemas import topics
 from schemas.events import DeadLetter

@@ -23,8 +23,8 @@ from aiokafka import AIOKafkaProducer
 from consumers.registry.consumer import committed_offsets, rebuild
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
-from farmesh.heartbeat import NodeIdentity, signing_bytes
-from farmesh.local_services import pid_alive
+from farmesh.swarm.identity import NodeIdentity, signing_bytes
+from farmesh.dev.local_services import pid_alive
 from schemas import topics
 from schemas.events import DeadLetter
 from tests.conftest import create_database, drop_database

@@ -8,7 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from farmesh import accounts, money
+from farmesh.billing import accounts
+
+from schemas import money
 from tests.support.money import farmesh
 
 pytestmark = pytest.mark.integration

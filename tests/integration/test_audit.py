@@ -11,7 +11,8 @@ from consumers.ledger import consumer as ledger
 from consumers.ledger.audit import audit
 from consumers.payments import consumer as payments
 from consumers.payments.repository import close_week, iso_week
-from farmesh import accounts, money
+from farmesh.billing import accounts
+from schemas import money
 from schemas import topics
 from tests.support.consumers import running
 from tests.support.kafka import wait_caught_up

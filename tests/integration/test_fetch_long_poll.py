@@ -8,8 +8,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher
 
-from farmesh import messaging  # noqa: F401 - installs the long-poll floor
-from farmesh.messaging import ensure_topics
+from farmesh.kafka import messaging  # noqa: F401 - installs the long-poll floor
+from farmesh.kafka.messaging import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from farmesh.lag import LagMonitor
-from farmesh.messaging import ensure_topics
+from farmesh.kafka.lag import LagMonitor
+from farmesh.kafka.messaging import ensure_topics
 
 pytestmark = pytest.mark.integration
 

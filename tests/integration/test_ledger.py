@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.ledger import consumer as ledger
-from farmesh import messaging
+from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import Contribution, DeadLetter, InferenceCompleted, InferenceFailed
 from tests.support.kafka import read_all, wait_caught_up

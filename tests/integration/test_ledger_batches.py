@@ -12,7 +12,8 @@ import pytest
 
 from consumers.ledger.repository import record_outcomes
 from db.migrate import migrate
-from farmesh import accounts, money
+from farmesh.billing import accounts
+from schemas import money
 from tests.support.money import audit_breaks, outcome
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from farmesh.messaging import ensure_topics
-from farmesh.local_services import (
+from farmesh.kafka.messaging import ensure_topics
+from farmesh.dev.local_services import (
     free_port,
     pid_alive,
     start_broker,

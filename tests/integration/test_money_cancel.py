@@ -11,11 +11,12 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from consumers.inference import worker
+from consumers.inference import consumer as worker
 from consumers.ledger import consumer as ledger
-from farmesh import accounts, money
-from farmesh.generation import SpanWork
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+from schemas import money
+from consumers.inference.generation import SpanWork
+from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
 from tests.support.consumers import running
@@ -39,7 +40,7 @@ class SlowGenerator:
                 on_token(i, 100 + i, "x")
                 emitted += 1
                 time.sleep(0.02)
-        except Exception as exc:  # like farmesh.generation.GenerationError: the cause, and what was done
+        except Exception as exc:  # like consumers.inference.generation.GenerationError: the cause, and what was done
             stopped = RuntimeError(f"generation failed after {emitted} tokens: {exc!r}")
             stopped.partial = self._result(emitted)
             raise stopped from exc

@@ -8,11 +8,12 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from consumers.inference import worker
+from consumers.inference import consumer as worker
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
-from farmesh import accounts, money
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+from schemas import money
+from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
 from tests.support.consumers import running

@@ -16,11 +16,13 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumers.inference import worker
+from consumers.inference import consumer as worker
 from consumers.ledger import consumer as ledger
-from farmesh import accounts, messaging, money
-from farmesh.generation import SpanWork
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from consumers.inference.generation import SpanWork
+from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from producers.gateway.chat import ChatMessage, default_prompt
 from schemas import topics

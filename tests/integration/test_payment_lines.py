@@ -18,8 +18,7 @@ import pytest
 from consumers.ledger.audit import audit
 from consumers.payments.repository import close_week, week_start
 from db.migrate import migrate
-from farmesh import money
-
+from schemas import money
 pytestmark = pytest.mark.integration
 
 W10, W11, W12, W13 = "2025-W10", "2025-W11", "2025-W12", "2025-W13"

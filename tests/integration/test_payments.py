@@ -13,7 +13,8 @@ import pytest
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
 from consumers.payments.repository import iso_week, week_start
-from farmesh import accounts, money
+from farmesh.billing import accounts
+from schemas import money
 from schemas import topics
 from schemas.events import PaymentBatchClosed
 from tests.support.consumers import running

@@ -15,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumers.payments import consumer as payments
 from consumers.payments.repository import iso_week, week_start
 from consumers.payments.schedule import WeeklyClose
-from farmesh import accounts, money
-from farmesh.local_services import free_port
-from farmesh.swarm import ManagedProcess
+from farmesh.billing import accounts
+from schemas import money
+from farmesh.dev.local_services import free_port
+from farmesh.dev.processes import ManagedProcess
 from schemas import topics
 from schemas.events import PaymentBatchClosed
 from tests.support.consumers import running

@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry
 from consumers.registry import consumer as registry
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
-from farmesh import messaging
-from farmesh.heartbeat import HeartbeatPublisher, NodeDescription, NodeIdentity, signing_bytes
-from farmesh.settings import Settings
+from farmesh.kafka import messaging
+from farmesh.swarm.identity import NodeIdentity, signing_bytes
+from producers.node.heartbeat import HeartbeatPublisher, NodeDescription
+from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
 from schemas.events import DeadLetter, DeviceInfo

@@ -9,11 +9,13 @@ from decimal import Decimal
 import pytest
 from aiokafka.errors import KafkaError
 
-from consumers.inference import worker
+from consumers.inference import consumer as worker
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
-from farmesh import accounts, messaging, money
-from farmesh import replay as replay_module
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from consumers.ledger import replay as replay_module
 from schemas import topics
 from schemas.events import InferenceRequested
 from tests.support.consumers import running

@@ -28,9 +28,11 @@ from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import LeaveGroupRequest
 
 from db import scratch
-from farmesh import accounts, messaging, money
-from farmesh.local_services import LocalBroker, free_port, start_broker
-from farmesh.swarm import ManagedProcess
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from farmesh.dev.local_services import LocalBroker, free_port, start_broker
+from farmesh.dev.processes import ManagedProcess
 from schemas import topics
 from schemas.events import Event, SessionOutcome
 from tests.support.kafka import wait_caught_up

@@ -7,8 +7,7 @@ from typing import AsyncIterator, Callable
 from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry
 
-from farmesh import messaging
-
+from farmesh.kafka import messaging
 Setup = Callable[[KafkaBroker, CollectorRegistry], None]
 
 

@@ -6,7 +6,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer
 
-from farmesh.lag import group_lag
+from farmesh.kafka.lag import group_lag
 
 
 async def wait_caught_up(bootstrap: str, group: str, topic: str, timeout: float = 30.0) -> None:

@@ -16,9 +16,11 @@ from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry
 
 from consumers.ledger.audit import audit
-from farmesh import accounts, messaging, money
-from farmesh.generation import SpanWork
-from farmesh.pricing import Work, fee_rate_units, settlement
+from farmesh.billing import accounts
+from farmesh.kafka import messaging
+from schemas import money
+from consumers.inference.generation import SpanWork
+from farmesh.billing.pricing import Work, fee_rate_units, settlement
 from schemas.events import Contribution, InferenceCompleted, InferenceFailed, SessionOutcome
 
 
@@ -35,7 +37,7 @@ class MoneyEnv:
 @contextlib.asynccontextmanager
 async def money_env(tmp: Path, admin_url: str) -> AsyncIterator[MoneyEnv]:
     from db.scratch import scratch_database
-    from farmesh.local_services import start_broker
+    from farmesh.dev.local_services import start_broker
 
     broker = start_broker(tmp / "kafka")
     try:
@@ -144,7 +146,5 @@ async def reserve_for(pool: asyncpg.Pool, key: str, o: SessionOutcome, max_token
 
 async def farmesh(*args: str) -> Result:
     """`farmesh ARGS` in-process (in a thread: the commands run their own event loop)."""
-    from farmesh.cli import _register, cli
-
-    _register()
+    from farmesh.cli import cli
     return await asyncio.to_thread(CliRunner().invoke, cli, list(args), catch_exceptions=False)

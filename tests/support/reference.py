@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from farmesh.sampling import TokenSampler
+from consumers.inference.sampling import TokenSampler
 from schemas.events import Sampling
 
 
@@ -21,7 +21,7 @@ def greedy_ids(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 def sampled_ids(model_dir: Path, prompt: str, max_new_tokens: int, sampling: Sampling, seed_key: str) -> list[int]:
-    """The full model run locally (with its KV cache), each next token chosen by farmesh.sampling's sampler for
+    """The full model run locally (with its KV cache), each next token chosen by consumers.inference.sampling's sampler for
     the request `seed_key`; stops after EOS like the mesh (stop sequences are not applied here)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

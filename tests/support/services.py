@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import uvicorn
 
-from farmesh.local_services import free_port
+from farmesh.dev.local_services import free_port
 
 
 @contextlib.asynccontextmanager

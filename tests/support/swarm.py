@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from farmesh.swarm import ManagedProcess, start_dht, start_node
+from farmesh.dev.processes import ManagedProcess
+from farmesh.dev.swarm import start_dht, start_node
 
 DHT_PREFIX = "farmesh-e2e"
 NODE_BLOCKS = ("0:2", "2:4")

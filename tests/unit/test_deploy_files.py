@@ -19,7 +19,7 @@ import click
 import pytest
 import yaml
 
-from farmesh.settings import Settings
+from farmesh.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "compose.yaml"
@@ -134,9 +134,7 @@ def services(compose: dict) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def farmesh_cli() -> click.Group:
-    from farmesh.cli import _register, cli
-
-    _register()
+    from farmesh.cli import cli
     return cli
 
 
@@ -402,8 +400,8 @@ def test_kafka_is_single_node_kraft(services: dict) -> None:
 
 
 def test_swarm_topology(services: dict, runs: dict) -> None:
-    from farmesh.petals_compat import is_loopback_maddr
-    from farmesh.tiny_model import tiny_config
+    from farmesh.swarm.petals_compat import is_loopback_maddr
+    from farmesh.dev.tiny_model import tiny_config
 
     dht = runs["dht"]
     assert dht[0] == ("dht",)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from consumers.registry.coverage import NodeSpan, model_health, ranges, swarm_health
+from db.views.coverage import NodeSpan, model_health, ranges, swarm_health
 from producers.gateway.discovery import STATUS_CSP, STATUS_PAGE
 
 

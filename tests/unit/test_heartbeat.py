@@ -13,19 +13,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
 
-from farmesh.heartbeat import (
+from farmesh.swarm.identity import (
     SIGNING_DOMAIN,
-    HeartbeatPublisher,
-    NodeDescription,
     NodeIdentity,
     SignatureError,
     decode_key,
-    device_info,
     encode_key,
     sign_heartbeat,
     signing_bytes,
     verify_payload,
 )
+from producers.node.heartbeat import HeartbeatPublisher, NodeDescription, device_info
 from schemas.events import DeviceInfo, NodeHeartbeat
 
 
@@ -213,7 +211,7 @@ def test_device_info_cpu() -> None:
 def test_node_throughput_flag_is_a_number_or_measure() -> None:
     import click
 
-    from farmesh.swarm import ThroughputParam
+    from producers.node.server import ThroughputParam
 
     param = ThroughputParam()
     assert param.convert("measure", None, None) == "measure"

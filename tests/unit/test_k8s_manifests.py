@@ -30,7 +30,7 @@ import click
 import pytest
 import yaml
 
-from farmesh.settings import Settings
+from farmesh.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -343,9 +343,7 @@ def group_topics() -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def farmesh_cli() -> click.Group:
-    from farmesh.cli import _register, cli
-
-    _register()
+    from farmesh.cli import cli
     return cli
 
 
@@ -515,7 +513,7 @@ def test_environment_names_are_settings(builds: dict[str, list[dict]], farmesh_c
     assert referenced, "no FARMESH_* name found at all"
     for name in sorted(referenced):
         if name.startswith("FARMESH_"):
-            assert name in allowed, f"{name} is no Settings field (farmesh/settings.py)"
+            assert name in allowed, f"{name} is no Settings field (farmesh/runtime/settings.py)"
     for docs in builds.values():
         for doc in docs:
             if doc["kind"] in ("ConfigMap", "Secret"):
@@ -663,8 +661,8 @@ def test_each_consumer_group_has_a_deployment(builds: dict[str, list[dict]], run
 
 def test_swarm_shares_one_pod(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
     """farmesh confines libp2p to loopback: whatever speaks it must share one pod's network namespace."""
-    from farmesh.petals_compat import is_loopback_maddr
-    from farmesh.tiny_model import tiny_config
+    from farmesh.swarm.petals_compat import is_loopback_maddr
+    from farmesh.dev.tiny_model import tiny_config
 
     layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
     for name, build_runs in runs.items():
@@ -841,8 +839,7 @@ def exposed_metrics() -> dict[str, set[str]]:
     import prometheus_client
     from prometheus_client import CollectorRegistry
 
-    from farmesh import messaging
-
+    from farmesh.kafka import messaging
     registry = CollectorRegistry()
     collectors = []
     definitions = code_metric_definitions()

@@ -5,7 +5,7 @@ from faststream.kafka import TestKafkaBroker
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from farmesh import messaging
+from farmesh.kafka import messaging
 from schemas import topics
 
 

@@ -1,4 +1,4 @@
-"""Each adaptation in farmesh.petals_compat, checked against the upstream behaviour that makes it necessary.
+"""Each adaptation in farmesh.swarm.petals_compat, checked against the upstream behaviour that makes it necessary.
 
 A failure here means hivemind or petals changed: the adaptation may no longer be needed, or no longer work.
 No daemon is started: P2P.create is stopped at the point where it builds the p2pd command line.
@@ -19,8 +19,8 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from farmesh import petals_compat
-from farmesh.petals_compat import (
+from farmesh.swarm import petals_compat
+from farmesh.swarm.petals_compat import (
     FORCED_P2P_OPTIONS,
     HIVEMIND_REEXPORTS,
     NonLoopbackAddressError,
@@ -259,7 +259,7 @@ def test_upstream_close_on_petals_own_loop_still_deadlocks() -> None:
     import sys
 
     script = (
-        "from farmesh import petals_compat\n"
+        "from farmesh.swarm import petals_compat\n"
         "petals_compat.install()\n"
         "from petals.client.inference_session import _ServerInferenceSession\n"
         "from tests.unit.test_petals_compat import _close_on_petals_loop\n"

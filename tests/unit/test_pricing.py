@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from farmesh import money
-from farmesh.pricing import (
+from schemas import money
+from farmesh.billing.pricing import (
     FEE_RATE_SCALE,
     Work,
     fee_rate_units,
@@ -132,7 +132,7 @@ def test_fee_rates_outside_0_1_or_finer_than_1e_18_are_refused(bad):
 
 
 def test_prices_per_model_fee_and_minimum_payout_come_from_the_environment(monkeypatch):
-    from farmesh.settings import Settings
+    from farmesh.runtime.settings import Settings
 
     monkeypatch.setenv("FARMESH_MODEL_PRICES", "llama-70b=0.0005, tiny=0.00001")
     monkeypatch.setenv("FARMESH_PLATFORM_FEE", "0.05")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from consumers.registry.consumer import check_record, log_time
-from farmesh.heartbeat import NodeIdentity, sign_heartbeat
+from farmesh.swarm.identity import NodeIdentity, sign_heartbeat
 from schemas.events import DeviceInfo, NodeHeartbeat, NodeTimedOut
 
 

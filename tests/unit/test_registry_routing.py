@@ -2,7 +2,7 @@
 
 test_blocked_servers_leave_the_routing_table runs petals' own RemoteSequenceManager._update on a stand-in
 manager (no daemon, no network): it fails if upstream stops honouring `blocked_servers` on every refresh,
-which farmesh.petals_compat.set_blocked_servers depends on.
+which farmesh.swarm.petals_compat.set_blocked_servers depends on.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from farmesh import petals_compat
-from farmesh.routing import RoutePreference, servers_to_avoid
+from farmesh.swarm import petals_compat
+from consumers.inference.routing import RoutePreference, servers_to_avoid
 
 petals_compat.install()
 from hivemind.dht.node import Blacklist  # noqa: E402  (what petals 2.2 uses)

@@ -1,4 +1,4 @@
-"""farmesh.sampling: seeds, the token sampler and stop sequences; and generate_stream's use of them, with a fake
+"""consumers.inference.sampling: seeds, the token sampler and stop sequences; and generate_stream's use of them, with a fake
 model and a character-level tokenizer (the real swarm is in tests/e2e/test_generation.py)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farmesh.generation import GenerationError, MeshClient
-from farmesh.sampling import StopMatcher, TokenSampler, seed_for
+from consumers.inference.generation import GenerationError, MeshClient
+from consumers.inference.sampling import StopMatcher, TokenSampler, seed_for
 from schemas.events import Sampling
 
 VOCAB = 64
@@ -47,7 +47,7 @@ def test_seed_derivation_is_pinned() -> None:
 
 
 def test_seed_derivation_does_not_depend_on_the_process() -> None:
-    code = "from farmesh.sampling import seed_for; print(seed_for('req-é', 3))"
+    code = "from consumers.inference.sampling import seed_for; print(seed_for('req-é', 3))"
     outputs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"PYTHONHASHSEED": hash_seed, "PYTHONPATH": "."}).stdout.strip()

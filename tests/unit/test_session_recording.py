@@ -1,10 +1,10 @@
-"""farmesh.generation._record_server_sessions: records every server session, and never keeps the session alive."""
+"""consumers.inference.generation._record_server_sessions: records every server session, and never keeps the session alive."""
 from __future__ import annotations
 
 import gc
 import weakref
 
-from farmesh.generation import _record_server_sessions
+from consumers.inference.generation import _record_server_sessions
 
 
 class FakeSession:

@@ -9,9 +9,9 @@ import pytest
 from faststream.kafka import TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
-from consumers.inference import worker
-from farmesh import messaging
-from farmesh.generation import SpanWork
+from consumers.inference import consumer as worker
+from farmesh.kafka import messaging
+from consumers.inference.generation import SpanWork
 from schemas import topics
 from schemas.events import (
     DeadLetter,

@@ -13,9 +13,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from farmesh import money
-
-
+from farmesh.runtime.errors import SettingError
+from schemas import money
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FARMESH_", extra="ignore")
 
@@ -64,7 +63,7 @@ class Settings(BaseSettings):
     # Longest fetch wait (ms) of the consumers on a request's path to its first token (worker requests and
     # cancellations, gateway replies). Apache Kafka long-polls, answering as soon as a record arrives, so there
     # this only bounds an idle consumer's fetch rate: 100-500 is right. The dev broker (noida-db) answers an
-    # empty fetch at once and the client then sleeps out the wait (farmesh.messaging), so on it this wait is
+    # empty fetch at once and the client then sleeps out the wait (farmesh.kafka.messaging), so on it this wait is
     # added latency: 3 ms keeps the gateway within ~15 ms of a direct Petals client, for ~10% of a core per
     # idle consumer.
     latency_fetch_wait_ms: int = Field(default=3, ge=1, le=5000)
@@ -117,7 +116,7 @@ class Settings(BaseSettings):
     @field_validator("platform_fee")
     @classmethod
     def _fee_is_a_fraction(cls, value: Decimal) -> Decimal:
-        from farmesh.pricing import fee_rate_units
+        from farmesh.billing.pricing import fee_rate_units
 
         fee_rate_units(value)  # 0..1, at most 18 decimals
         return value
@@ -158,5 +157,5 @@ class Settings(BaseSettings):
 
     def require_database_url(self) -> str:
         if not self.database_url:
-            raise SystemExit("FARMESH_DATABASE_URL is not set (farmesh up starts an embedded PostgreSQL for you)")
+            raise SettingError("FARMESH_DATABASE_URL is not set (farmesh up starts an embedded PostgreSQL for you)")
         return self.database_url

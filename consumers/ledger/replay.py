@@ -35,14 +35,10 @@ from typing import Any, AsyncIterator
 from uuid import UUID
 
 import asyncpg
-import click
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from consumers.ledger.rules import contribution_conflict, money_problem
-from farmesh import money
-from farmesh.cli import with_settings
-from farmesh.settings import Settings
+from farmesh.billing.acceptance import contribution_conflict, money_problem
+from schemas import money
 from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
@@ -150,7 +146,7 @@ async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, p
         await consumer.stop()
 
 
-# The header every producer (farmesh.messaging.publish) puts on a node.contribution record.
+# The header every producer (farmesh.kafka.messaging.publish) puts on a node.contribution record.
 CONTRIBUTION_HEADER = (topics.EVENT_TYPE_HEADER, NodeContribution.model_fields["type"].default.encode())
 
 
@@ -388,45 +384,4 @@ def _fields(row: asyncpg.Record, side: str, columns: tuple[str, ...]) -> str:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def _parse_time(value: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO time like 2026-11-23T00:00:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
-
-async def run(settings: Settings, since: datetime | None, check: bool) -> tuple[Replayed, list[str]]:
-    url = settings.require_database_url()
-    state = await replay(url, settings.kafka_bootstrap, since)
-    if not check:
-        return state, []
-    conn = await asyncpg.connect(url)
-    try:
-        return state, await verify(conn, since)
-    finally:
-        await conn.close()
-
-
-@click.command("replay")
-@with_settings("kafka_bootstrap", "database_url")
-@click.option("--since", default=None, metavar="TIME", help="Start at the log offsets of this time (ISO 8601, UTC if no zone)")
-@click.option("--verify", "check", is_flag=True, help="Compare with the live ledger; exit 1 on any difference")
-def replay_command(settings: Settings, since: str | None, check: bool) -> None:
-    """Rebuild sessions, contributions and earnings from the event log into schema far_replay."""
-    moment = _parse_time(since) if since else None
-    try:
-        state, differences = asyncio.run(run(settings, moment, check))
-    except (asyncpg.PostgresError, OSError, TimeoutError, KafkaError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-    window = f"since {moment.isoformat()}" if moment else "from the earliest offset"
-    click.echo(f"replay: {state.records} record(s) of {topics.SESSIONS.name} {window} in "
-               f"{len(state.positions)} partition(s): {state.outcomes} outcome(s), {state.sessions} session(s), "
-               f"{len(state.rejected)} rejected -> schema {SCHEMA}")
-    if not check:
-        return
-    for line in differences:
-        click.echo(f"DIFF {line}")
-    click.echo(f"verify: {len(differences)} difference(s) from the live ledger")
-    if differences:
-        raise SystemExit(1)

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
-from farmesh import petals_compat
-
-
+from farmesh.swarm import petals_compat
 @dataclass(frozen=True)
 class BlockCoverage:
     block: int

@@ -26,20 +26,15 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
 
+from farmesh.dev.processes import pid_alive, wait_pid_gone
+from farmesh.runtime.net import HOST, free_port
+
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that is free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _on_a_port(port: int | None, start: Callable[[int], T]) -> T:
@@ -52,31 +47,6 @@ def _on_a_port(port: int | None, start: Callable[[int], T]) -> T:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` is a running process (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -364,14 +334,14 @@ class LocalPostgres:
                      "-t", str(int(timeout)), "stop"], self._run_as, timeout + 5, self.data_dir)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log.warning("pg_ctl stop failed (%s); signalling postmaster pid %s", exc, self.pid)
-        if _wait_pid_gone(self.pid, timeout):
+        if wait_pid_gone(self.pid, timeout):
             return
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):  # SIGINT = fast shutdown
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 return
-            if _wait_pid_gone(self.pid, wait):
+            if wait_pid_gone(self.pid, wait):
                 return
         raise RuntimeError(f"postgres pid {self.pid} did not stop")
 

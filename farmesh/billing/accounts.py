@@ -24,8 +24,10 @@ from typing import Any, Sequence
 
 import asyncpg
 
-from farmesh import money, pricing
+from farmesh.runtime.errors import Refused
+from schemas import money
 
+from farmesh.billing import pricing
 PLATFORM_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000001")
 DEPOSITS_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000002")
 PAYOUTS_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000003")
@@ -59,7 +61,7 @@ def bearer_key(authorization: str | None) -> str | None:
     return credentials.strip()
 
 
-class AccountError(Exception):
+class AccountError(Refused):
     """An account operation that cannot be done (unknown key, name taken, ...)."""
 
 

@@ -1,4 +1,4 @@
-"""Pricing and attribution: pure functions on integer base units (see farmesh.money).
+"""Pricing and attribution: pure functions on integer base units (see schemas.money).
 
 A session costs delivered tokens x price.  That amount is split across the nodes that did the
 work, weighted by blocks served x tokens processed, so a node holding twice the blocks earns
@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Sequence
 
-from farmesh import money
-
-
+from schemas import money
 @dataclass(frozen=True)
 class Work:
     peer_id: str

@@ -1,4 +1,4 @@
-"""`farmesh keys create|list|revoke|credit`: client accounts and their API keys (farmesh/accounts.py)."""
+"""`farmesh keys create|list|revoke|credit|release`: client accounts and their API keys (farmesh/billing/accounts.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +9,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 import asyncpg
 import click
 
-from farmesh import accounts, money
-from farmesh.cli import with_settings
-from farmesh.settings import Settings
+from farmesh.billing import accounts
+
+from schemas import money
+from farmesh.runtime.options import with_settings
+from farmesh.runtime.settings import Settings
 
 T = TypeVar("T")
 
@@ -26,7 +28,7 @@ def far_amount(value: str) -> int:
 
 
 def run_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run `work` on one connection to the configured database; errors become clean CLI messages."""
+    """Run `work` on one connection to the configured database (failures: farmesh/runtime/errors.py)."""
     async def main() -> T:
         conn = await asyncpg.connect(settings.require_database_url())
         try:
@@ -34,14 +36,7 @@ def run_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]
         finally:
             await conn.close()
 
-    try:
-        return asyncio.run(main())
-    except accounts.AccountError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except asyncpg.UndefinedTableError as exc:
-        raise click.ClickException(f"{exc} (run `farmesh db migrate`)") from exc
-    except (asyncpg.PostgresError, OSError) as exc:
-        raise click.ClickException(f"database error: {type(exc).__name__}: {exc}") from exc
+    return asyncio.run(main())
 
 
 @click.group("keys")

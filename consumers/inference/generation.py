@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Literal, Self
 
 import torch
 
-from farmesh import petals_compat
-from farmesh.pricing import Work
-from farmesh.sampling import StopMatcher, TokenSampler
+from farmesh.swarm import petals_compat
+from farmesh.billing.pricing import Work
+from consumers.inference.sampling import StopMatcher, TokenSampler
 
 if TYPE_CHECKING:
     from petals.client.inference_session import InferenceSession, _ServerInferenceSession
@@ -33,7 +33,7 @@ OnToken = Callable[[int, int, str], None]
 
 
 # Blocks [start_block, end_block) of one peer (peer_id), and how many token positions it ran through them
-# (tokens_processed): exactly the record farmesh.pricing splits a session's cost over.
+# (tokens_processed): exactly the record farmesh.billing.pricing splits a session's cost over.
 SpanWork = Work
 
 
@@ -127,7 +127,7 @@ class MeshClient:
         """Generate through one inference session; `on_token(index, token_id, text_delta)` once per token.
 
         Greedy without `sampling` (or with temperature 0); otherwise sampled with the generator seeded by
-        farmesh.sampling.seed_for(seed_key, sampling.seed): the same request id (`seed_key`) and seed give the
+        consumers.inference.sampling.seed_for(seed_key, sampling.seed): the same request id (`seed_key`) and seed give the
         same tokens. `text_delta` is the text that token makes safe to show: "" while text that could start one
         of `sampling.stop` is held back. The token that completes a stop sequence is still delivered (with the
         text before the stop sequence) and ends generation with finish_reason "stop"; `text` then ends before the
@@ -191,7 +191,7 @@ class MeshClient:
 
     def full_route_available(self, timeout: float = 5.0) -> bool:
         """Whether live ONLINE servers currently cover every block; answers within about 2 * timeout."""
-        from farmesh.swarm_view import live_coverage
+        from farmesh.swarm.view import live_coverage
 
         manager = self.model.transformer.h.sequence_manager
         try:

@@ -4,7 +4,7 @@ The registry is the source of truth for who gets paid: a Petals server that neve
 nothing (its work is recorded with no wallet and flagged). So wherever registered online nodes serve a block,
 the worker's client keeps every other server out of its routes; a block only unregistered servers serve stays
 reachable through them (a full route beats no route). Applied through petals' blocked-servers list
-(farmesh.petals_compat.set_blocked_servers), refreshed every few seconds from far_nodes and the live DHT.
+(farmesh.swarm.petals_compat.set_blocked_servers), refreshed every few seconds from far_nodes and the live DHT.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from farmesh import petals_compat
-
+from farmesh.swarm import petals_compat
 log = logging.getLogger(__name__)
 
 

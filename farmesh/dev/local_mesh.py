@@ -21,9 +21,13 @@ from typing import Iterator
 import httpx
 
 from db.migrate import migrate
-from farmesh import local_services, messaging, swarm
-from farmesh.settings import Settings
-from farmesh.tiny_model import write_tiny_model
+from farmesh.dev import local_services
+from farmesh.kafka import messaging
+from farmesh.dev import swarm
+from farmesh.dev.processes import ManagedProcess
+from farmesh.runtime.errors import Refused
+from farmesh.runtime.settings import Settings
+from farmesh.dev.tiny_model import write_tiny_model
 
 DEMO_CREDIT = 10  # FAR: 1000 requests of 100 tokens at the default price
 
@@ -31,8 +35,9 @@ DEMO_CREDIT = 10  # FAR: 1000 requests of 100 tokens at the default price
 async def _demo_key(database_url: str) -> str:
     import asyncpg
 
-    from farmesh import accounts, money
+    from farmesh.billing import accounts
 
+    from schemas import money
     conn = await asyncpg.connect(database_url)
     try:
         return (await accounts.ensure_demo_key(conn, "demo", DEMO_CREDIT * money.SCALE)).key
@@ -52,6 +57,10 @@ async def _request_id_used(database_url: str, request_id: str) -> bool:
         await conn.close()
 
 
+class MeshError(Refused):
+    """The local mesh could not be started or used as asked (the message says why)."""
+
+
 class Stopped(BaseException):
     """SIGTERM/SIGINT arrived. A BaseException, like KeyboardInterrupt: library retry loops that catch every
     Exception (Petals' inference step does) must not swallow it."""
@@ -63,7 +72,7 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 def _spans(num_blocks: int, nodes: int) -> list[tuple[int, int]]:
     if nodes > num_blocks:
-        raise SystemExit(f"{nodes} nodes cannot share {num_blocks} blocks")
+        raise MeshError(f"{nodes} nodes cannot share {num_blocks} blocks")
     bounds = [round(i * num_blocks / nodes) for i in range(nodes + 1)]
     return list(zip(bounds, bounds[1:]))
 
@@ -79,8 +88,8 @@ class LocalMesh:
         self.gateway_url = ""
         self.database_url = ""
         self.api_key = ""  # a fresh key of the `demo` client account, with credit
-        self.children: list[swarm.ManagedProcess] = []
-        self.node_processes: list[swarm.ManagedProcess] = []  # providers: may come and go without stopping the mesh
+        self.children: list[ManagedProcess] = []
+        self.node_processes: list[ManagedProcess] = []  # providers: may come and go without stopping the mesh
 
     def __enter__(self) -> "LocalMesh":
         try:
@@ -96,8 +105,8 @@ class LocalMesh:
     def _say(self, message: str) -> None:
         print(f"[farmesh] {message}", file=sys.stderr, flush=True)
 
-    def _child(self, name: str, argv: list[str], env: dict[str, str], ready: str, timeout: float) -> swarm.ManagedProcess:
-        process = swarm.ManagedProcess(name, argv, self.logs / f"{name}.log", env)
+    def _child(self, name: str, argv: list[str], env: dict[str, str], ready: str, timeout: float) -> ManagedProcess:
+        process = ManagedProcess(name, argv, self.logs / f"{name}.log", env)
         self._stack.callback(process.stop)
         process.wait_ready(ready, timeout)
         self.children.append(process)
@@ -130,10 +139,10 @@ class LocalMesh:
         model_dir = Path(s.model_dir).resolve()
         if not (model_dir / "config.json").exists():
             if s.model:
-                raise SystemExit(f"FARMESH_MODEL={s.model} is not a model directory")
+                raise MeshError(f"FARMESH_MODEL={s.model} is not a model directory")
             write_tiny_model(model_dir)
             self._say(f"wrote the tiny local model to {model_dir}")
-        from farmesh.swarm_view import num_blocks_of
+        from farmesh.swarm.view import num_blocks_of
 
         dht = swarm.start_dht(workdir=self.logs, identity_path=self.data_dir / "dht.identity")
         self._stack.callback(dht.stop)
@@ -190,7 +199,7 @@ class LocalMesh:
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 last = repr(exc)
             time.sleep(0.5)
-        raise SystemExit(f"the registry did not see every node online in {timeout:.0f} s: {last}")
+        raise MeshError(f"the registry did not see every node online in {timeout:.0f} s: {last}")
 
     def _write_env_file(self, bootstrap: str) -> None:
         """<data dir>/mesh.env: where this mesh's broker and database are, for the operator commands
@@ -211,13 +220,13 @@ class LocalMesh:
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.5)
-        raise SystemExit(f"the mesh did not become healthy in {timeout:.0f} s: {last}")
+        raise MeshError(f"the mesh did not become healthy in {timeout:.0f} s: {last}")
 
-    def dead_child(self) -> swarm.ManagedProcess | None:
+    def dead_child(self) -> ManagedProcess | None:
         """A service that exited (a provider node leaving is not one: the registry times it out)."""
         return next((c for c in self.children if c.process.poll() is not None and c not in self.node_processes), None)
 
-    def gone_nodes(self) -> list[swarm.ManagedProcess]:
+    def gone_nodes(self) -> list[ManagedProcess]:
         return [n for n in self.node_processes if n.process.poll() is not None]
 
 
@@ -262,7 +271,7 @@ def _stream(url: str, body: dict, api_key: str) -> dict | None:
                       headers={"Authorization": f"Bearer {api_key}"}) as response:
         if response.status_code != 200:
             response.read()
-            raise SystemExit(f"gateway answered {response.status_code}: {response.text}")
+            raise MeshError(f"gateway answered {response.status_code}: {response.text}")
         event = ""
         for line in response.iter_lines():
             if line.startswith("event:"):

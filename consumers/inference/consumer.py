@@ -27,8 +27,10 @@ from faststream.kafka import KafkaBroker
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from farmesh import messaging, money
-from farmesh.pricing import Work, fee_rate_units, settlement
+from farmesh.kafka import messaging
+
+from schemas import money
+from farmesh.billing.pricing import Work, fee_rate_units, settlement
 from schemas import topics
 from schemas.events import (
     Contribution,
@@ -60,7 +62,7 @@ class Generated(Protocol):
 
 
 class Generator(Protocol):
-    """What the worker needs from the Petals client (farmesh.generation.MeshClient)."""
+    """What the worker needs from the Petals client (consumers.inference.generation.MeshClient)."""
 
     def generate_stream(self, prompt: str, max_new_tokens: int, on_token: OnToken, sampling: Sampling | None = None,
                         seed_key: str = "") -> Generated: ...
@@ -86,7 +88,7 @@ def settle(request: InferenceRequested, delivered: int, prompt_tokens: int, comp
     """The session outcome and its contribution events; the money is computed here, exactly.
 
     The client's account (from the request) is debited delivered x price; the platform fee and the
-    nodes' shares add up to that debit exactly (farmesh.pricing.settlement).
+    nodes' shares add up to that debit exactly (farmesh.billing.pricing.settlement).
     """
     money_moved = settlement(delivered, money.to_base_units(request.price_per_token),
                              fee_rate_units(request.platform_fee_rate), spans)

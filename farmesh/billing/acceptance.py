@@ -14,8 +14,10 @@ from uuid import UUID
 import asyncpg
 from pydantic import ValidationError
 
-from farmesh import messaging, money
-from farmesh.pricing import Work, fee_rate_units, platform_fee, session_cost
+from farmesh.kafka import messaging
+
+from schemas import money
+from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
 

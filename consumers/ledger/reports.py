@@ -1,7 +1,6 @@
 """`farmesh report usage --by model|node|day`: usage and earnings tables from the live ledger."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -10,11 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import click
 
-from farmesh import money
-from farmesh.cli import with_settings
-from farmesh.settings import Settings
+from schemas import money
 
 _WINDOW = "($1::timestamptz IS NULL OR s.finished_at >= $1) AND ($2::timestamptz IS NULL OR s.finished_at < $2)"
 
@@ -98,32 +94,3 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return "\n".join(out)
 
 
-@click.group("report")
-def report_group() -> None:
-    """Usage and earnings reports from the ledger."""
-
-
-@report_group.command("usage")
-@with_settings("database_url")
-@click.option("--by", "by", type=click.Choice(sorted(QUERIES)), default="model", show_default=True)
-@click.option("--since", default=None, metavar="TIME", help="Sessions finished at/after (ISO 8601, UTC if no zone)")
-@click.option("--until", default=None, metavar="TIME", help="Sessions finished before")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def usage_command(settings: Settings, by: str, since: str | None, until: str | None, fmt: str) -> None:
-    """Sessions, tokens, charges, fees and node earnings by model, node or day (UTC)."""
-    from farmesh.replay import _parse_time
-
-    window = (_parse_time(since) if since else None, _parse_time(until) if until else None)
-
-    async def work() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(settings.require_database_url())
-        try:
-            return await usage(conn, by, *window)
-        finally:
-            await conn.close()
-
-    try:
-        rows = asyncio.run(work())
-    except (asyncpg.PostgresError, OSError) as exc:
-        raise click.ClickException(f"database error: {type(exc).__name__}: {exc}") from exc
-    click.echo(render(rows, fmt))

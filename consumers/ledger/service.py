@@ -1,0 +1,17 @@
+"""`farmesh ledger`: the ledger group's process."""
+from __future__ import annotations
+
+import logging
+
+
+from farmesh.runtime.serving import run_database_consumer
+from farmesh.runtime.settings import Settings
+from schemas import topics
+
+log = logging.getLogger(__name__)
+
+
+async def run_ledger(settings: Settings, host: str, port: int) -> None:
+    from consumers.ledger import consumer
+
+    await run_database_consumer(settings, host, port, topics.GROUP_LEDGER, topics.SESSIONS.name, consumer.register)

@@ -1,0 +1,28 @@
+"""`farmesh payments`: the payments group's process, with the weekly close on its schedule."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from farmesh.runtime.serving import run_database_consumer
+from farmesh.runtime.settings import Settings
+from schemas import topics
+
+log = logging.getLogger(__name__)
+
+
+async def run_payments(settings: Settings, host: str, port: int) -> None:
+    """The payments group, and the weekly batch close on its schedule (consumers/payments/schedule.py)."""
+    from consumers.payments import consumer
+    from consumers.payments.schedule import WeeklyClose
+
+    def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
+        consumer.register(broker, pool, registry)
+        closer = WeeklyClose(broker, pool, registry, grace=settings.payments_close_grace,
+                             min_payout=settings.min_payout_base_units)
+        return [closer.run]
+
+    await run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, register)

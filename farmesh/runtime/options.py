@@ -1,0 +1,60 @@
+"""The command line's shared options: the FARMESH_* settings as flags, and parsing helpers."""
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import click
+
+from farmesh.runtime.settings import Settings
+
+
+# Flags shared by the services; each maps onto a Settings field of the same name.
+_SETTING_FLAGS = {
+    "kafka_bootstrap": click.option("--kafka-bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers [FARMESH_KAFKA_BOOTSTRAP]"),
+    "database_url": click.option("--database-url", metavar="URL", help="PostgreSQL URL [FARMESH_DATABASE_URL]"),
+    "initial_peers": click.option("--initial-peers", metavar="MADDRS", help="Our DHT bootstrap multiaddrs, comma separated [FARMESH_INITIAL_PEERS]"),
+    "model": click.option("--model", metavar="DIR", help="Model directory [FARMESH_MODEL]"),
+    "dht_prefix": click.option("--dht-prefix", help="DHT prefix of the model's blocks [FARMESH_DHT_PREFIX]"),
+    "price_per_token": click.option("--price-per-token", metavar="FAR", help="Price per generated token [FARMESH_PRICE_PER_TOKEN]"),
+    "node_timeout": click.option("--node-timeout", metavar="SECONDS", help="A node not heard from this long is offline [FARMESH_NODE_TIMEOUT]"),
+    "heartbeat_max_skew": click.option("--heartbeat-max-skew", metavar="SECONDS", help="Refuse heartbeats this far from their log time [FARMESH_HEARTBEAT_MAX_SKEW]"),
+}
+
+
+def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named setting flags and pass a `settings` built from env + flags."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in names}
+            overrides = {n: v for n, v in given.items() if v is not None}
+            try:
+                settings = Settings(**overrides)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from exc
+            return fn(settings=settings, **kwargs)
+        for name in reversed(names):
+            wrapper = _SETTING_FLAGS[name](wrapper)
+        return wrapper
+    return decorate
+
+
+def flags_to_subcommand(ctx: click.Context) -> None:
+    """For a group that is also a service (`farmesh ledger`, `farmesh payments`): flags given before a
+    subcommand (`farmesh payments --database-url URL close ...`) become that subcommand's defaults."""
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if given and ctx.invoked_subcommand:
+        defaults = dict(ctx.default_map or {})
+        defaults[ctx.invoked_subcommand] = {**given, **(defaults.get(ctx.invoked_subcommand) or {})}
+        ctx.default_map = defaults
+
+
+def parse_time(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO time like 2026-11-23T00:00:00Z") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,0 +1,82 @@
+"""The mesh's own DHT bootstrap peer (`farmesh dht`), and what every swarm process shares: the initial-peer
+format, the one-line ready announcements a supervisor waits for, and waiting for SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import click
+
+from farmesh.runtime.net import free_port
+from farmesh.swarm import petals_compat
+from farmesh.swarm.petals_compat import LOOPBACK_HOST
+
+
+INITIAL_PEERS_ENV = "FARMESH_INITIAL_PEERS"
+
+
+DHT_READY = "dht ready"
+
+
+NODE_READY = "node ready"
+
+
+def parse_peers(value: str) -> list[str]:
+    """Multiaddrs separated by commas and/or whitespace (the FARMESH_INITIAL_PEERS format)."""
+    return [peer for peer in value.replace(",", " ").split() if peer]
+
+
+def wait_for_signal(on_signal: Callable[[], None], tick: Callable[[], bool] | None = None) -> None:
+    """Block until SIGTERM/SIGINT (or until `tick`, called about twice a second, returns False), then run
+    `on_signal`.
+
+    Called only after every worker process has been forked: forks inherit Python signal handlers, and the
+    workers must keep dying on SIGTERM when a supervisor signals the whole process group.
+    """
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+        if tick is not None and not tick():
+            break
+    on_signal()
+
+
+def announce(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+@click.command("dht")
+@click.option("--host", default=LOOPBACK_HOST, show_default=True, help="Loopback address to listen on.")
+@click.option("--port", type=int, default=None, help="TCP port (default: a free one).")
+@click.option("--identity-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Private key file; makes the peer id stable across restarts (created if missing).")
+@click.option("--initial-peers", "other_bootstrap_peers", multiple=True,
+              help="Multiaddrs of the mesh's other bootstrap peers (repeatable or comma separated), for redundancy.")
+def dht_command(host: str, port: int | None, identity_path: Path | None,
+                other_bootstrap_peers: Sequence[str] = ()) -> None:
+    """Run the mesh's DHT bootstrap peer until SIGTERM/SIGINT."""
+    peers = [p for value in other_bootstrap_peers for p in parse_peers(value)]
+    try:
+        petals_compat.require_loopback(peers, "initial peers")
+    except petals_compat.NonLoopbackAddressError as error:
+        raise click.UsageError(str(error)) from None
+    petals_compat.install()
+    from hivemind import DHT
+
+    # announce_maddrs needs an explicit port, so port 0 is resolved here rather than by libp2p.
+    maddr = f"/ip4/{host}/tcp/{port or free_port(host)}"
+    dht = DHT(
+        start=True,
+        host_maddrs=[maddr],
+        announce_maddrs=[maddr],
+        identity_path=str(identity_path) if identity_path else None,
+        initial_peers=peers,
+    )
+    announce(f"{DHT_READY} maddr={maddr}/p2p/{dht.peer_id}")
+    wait_for_signal(dht.shutdown)
