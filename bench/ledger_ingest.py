@@ -1,8 +1,8 @@
 """Ledger ingest of contributions vs a raw asyncpg COPY of the same rows.
 
 The ledger side is the consumer's own code path (consumers/ledger/consumer.py `record`): per consumer
-batch of 500 Kafka records, parse them (farmesh.billing.acceptance.outcomes_of), check money and accounts
-(reject_reasons), write sessions, contributions, settlement postings and closed reservations in one
+batch of 500 Kafka records, parse them (farmesh.kafka.batches.outcomes_of), check money and accounts
+(acceptance.reasons_for), write sessions, contributions, settlement postings and closed reservations in one
 transaction (consumers.ledger.repository.record_outcomes). The records are the bytes the worker publishes
 (one inference.completed + one node.contribution per node). Then the same records again: idempotent, the
 ledger must not change.
@@ -32,7 +32,9 @@ import asyncpg
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
 from bench._sessions import PEERS, PRICE, Record, session_events, wire
 from consumers.ledger.repository import record_outcomes
-from farmesh.billing.acceptance import outcomes_of, reject_reasons
+from db.views.acceptance import acceptance_facts
+from farmesh.billing.acceptance import reasons_for
+from farmesh.kafka.batches import outcomes_of
 from farmesh.billing import accounts
 from schemas import money
 from schemas import topics
@@ -73,7 +75,7 @@ async def ingest(conn: asyncpg.Connection, records: list[Record]) -> tuple[int, 
     for start in range(0, len(records), BATCH):
         message = SimpleNamespace(raw_message=records[start:start + BATCH])
         _, outcomes, _ = await outcomes_of(None, topics.GROUP_LEDGER, message)
-        rejected = await reject_reasons(conn, outcomes, "far_session_contributions", "event_id")
+        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
         if rejected:
             raise RuntimeError(f"the ledger rejected bench outcomes: {list(rejected.values())[:3]}")
         result = await record_outcomes(conn, outcomes)

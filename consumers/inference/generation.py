@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Literal, Self
 
 import torch
 
-from farmesh.swarm import petals_compat
-from farmesh.billing.pricing import Work
 from consumers.inference.sampling import StopMatcher, TokenSampler
+from farmesh.billing.pricing import Work
+from farmesh.swarm import petals_compat
 
 if TYPE_CHECKING:
-    from petals.client.inference_session import InferenceSession, _ServerInferenceSession
+    from petals.client.inference_session import (
+        InferenceSession,
+        _ServerInferenceSession,
+    )
     from petals.data_structures import RemoteSpanInfo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 

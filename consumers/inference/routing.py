@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from farmesh.swarm import petals_compat
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +63,7 @@ class RoutePreference:
 async def keep_preferring_registered(pool: asyncpg.Pool, model: str, preference: RoutePreference,
                                      period: float) -> None:
     """Refresh the preference every `period` seconds until cancelled."""
-    from consumers.registry.repository import online_peers
+    from db.views.nodes import online_peers
 
     while True:
         try:

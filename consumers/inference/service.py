@@ -32,7 +32,10 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) if settings.database_url else None
     preferring = None
     if pool is not None:
-        from consumers.inference.routing import RoutePreference, keep_preferring_registered
+        from consumers.inference.routing import (
+            RoutePreference,
+            keep_preferring_registered,
+        )
 
         preference = RoutePreference(client.model.transformer.h.sequence_manager)
         preferring = asyncio.create_task(

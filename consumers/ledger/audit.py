@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from consumers.payments.repository import ITEMS_HIGH_WATER
+from db.views.payments import ITEMS_HIGH_WATER
 from schemas import money
 @dataclass(frozen=True)
 class Break:

@@ -13,7 +13,8 @@ import asyncpg
 import click
 
 from consumers.ledger.audit import run_audit
-from consumers.ledger.replay import SCHEMA, Replayed, replay, verify
+from consumers.ledger.replay import SCHEMA, Replayed, replay
+from consumers.ledger.replay_verify import verify
 from consumers.ledger.reports import QUERIES, render, usage
 from farmesh.runtime.options import flags_to_subcommand, parse_time, with_settings
 from farmesh.runtime.settings import Settings

@@ -17,7 +17,9 @@ from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from consumers.ledger.repository import record_outcomes
-from farmesh.billing.acceptance import outcomes_of, reject_reasons
+from db.views.acceptance import acceptance_facts
+from farmesh.billing.acceptance import reasons_for
+from farmesh.kafka.batches import outcomes_of
 from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import Contribution
@@ -60,7 +62,7 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
     async def record(_: list[Any], message: KafkaMessage) -> None:
         records, outcomes, sources = await outcomes_of(broker, topics.GROUP_LEDGER, message)
         async with pool.acquire() as conn:
-            rejected = await reject_reasons(conn, outcomes, "far_session_contributions", "event_id")
+            rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
             for i, reason in rejected.items():
                 await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, sources[i], f"not settled: {reason}")
             result = await record_outcomes(conn, [o for i, o in enumerate(outcomes) if i not in rejected])

@@ -3,7 +3,7 @@
 Reads farmesh.sessions from the earliest offset (or, with --since, from the offsets the broker finds for
 that time: offsets_for_times) up to the end offsets seen at start, with NO consumer group (partitions
 are assigned, nothing is committed), so the live groups are never disturbed. It applies the ledger's
-rule (consumers/ledger/rules.py: the first accepted outcome of a request_id wins) and rebuilds, in the
+rule (farmesh/billing/acceptance.py: the first accepted outcome of a request_id wins) and rebuilds, in the
 separate PostgreSQL schema `far_replay`:
 
     far_replay.sessions        one row per request: the winning outcome
@@ -19,7 +19,7 @@ until the new one is complete (a failed run leaves it as it was).
 
 --verify compares them with the live ledger: sessions and contributions row by row, the nodes' earnings
 with the ledger's node credits, the clients' charges with its client debits, and the contributions with
-the payments group's payable items; every difference is printed and the exit status is 1 if any.
+the payments group's payable items (consumers/ledger/replay_verify.py); every difference is printed and the exit status is 1 if any.
 With --since, only the requests whose live session comes from an outcome inside the window are compared.
 """
 from __future__ import annotations
@@ -30,15 +30,14 @@ import gc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal
-from typing import Any, AsyncIterator
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 from pydantic import ValidationError
 
 from farmesh.billing.acceptance import contribution_conflict, money_problem
-from schemas import money
+from farmesh.kafka.log_reader import read_log_batches
 from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
 
@@ -91,59 +90,6 @@ class Replayed:
     sessions: int = 0
     rejected: list[tuple[int, int, str]] = field(default_factory=list)
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> (start, end)
-
-
-async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, positions: dict[int, tuple[int, int]],
-                           timeout: float = 30.0) -> AsyncIterator[list[Any]]:
-    """Every record of `topic` from the earliest offset (or the first at/after `since`) to the end offsets
-    seen at start, a fetched batch at a time (records of one partition, in log order); group-less (nothing
-    committed). `positions` receives partition -> (first offset, end offset)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    try:
-        await consumer.start()
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
-        if since is not None:
-            found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
-            starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
-        positions.update({tp.partition: (starts[tp], ends[tp]) for tp in tps})
-        pending = {tp for tp in tps if starts[tp] < ends[tp]}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=1000, max_records=2000)
-            if batch:
-                deadline = loop.time() + timeout
-            for tp, records in batch.items():
-                if records and records[-1].offset >= ends[tp]:
-                    records = [r for r in records if r.offset < ends[tp]]
-                if records:
-                    yield records
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    pending.discard(tp)
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-            # A finished partition is fetched no more: a fetch of finished partitions alone waits out
-            # fetch_max_wait_ms, and meanwhile nothing else is fetched from that broker.
-            consumer.pause(*(tp for tp in tps if tp not in pending))
-            if pending and loop.time() > deadline:
-                raise TimeoutError(f"replay: no progress on {sorted(tp.partition for tp in pending)} in {timeout:.0f} s")
-    finally:
-        await consumer.stop()
 
 
 # The header every producer (farmesh.kafka.messaging.publish) puts on a node.contribution record.
@@ -288,98 +234,6 @@ async def _write_chunks(conn: asyncpg.Connection, chunks: asyncio.Queue[_Chunk |
 
 
 # ------------------------------------------------------------------------------------------------ verify
-
-# The requests compared: every session either side has, except (with --since) those whose live session
-# comes from an outcome before the window (the replay cannot know it).
-_SCOPE = f"""
-INSERT INTO replay_scope
-SELECT request_id FROM far_mesh_sessions l
-WHERE l.account_id IS NOT NULL
-  AND ($1::timestamptz IS NULL OR l.finished_at >= $1
-       OR EXISTS (SELECT 1 FROM {SCHEMA}.seen_outcomes s WHERE s.event_id = l.event_id))
-UNION
-SELECT r.request_id FROM {SCHEMA}.sessions r
-WHERE $1::timestamptz IS NULL OR NOT EXISTS (
-    SELECT 1 FROM far_mesh_sessions l WHERE l.request_id = r.request_id AND l.finished_at < $1
-      AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.seen_outcomes s WHERE s.event_id = l.event_id))
-"""
-
-# (what, key, live query, replay query, compared columns) -- both queries restricted to the scope
-_COMPARE: list[tuple[str, str, str, str, tuple[str, ...]]] = [
-    ("session", "request_id",
-     "SELECT request_id, event_id, model, account_id, status, prompt_tokens, completion_tokens, price_per_token, "
-     "cost, COALESCE(platform_fee, 0) AS platform_fee FROM far_mesh_sessions WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     f"SELECT request_id, event_id, model, account_id, status, prompt_tokens, completion_tokens, price_per_token, "
-     f"cost, platform_fee FROM {SCHEMA}.sessions WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     ("event_id", "model", "account_id", "status", "prompt_tokens", "completion_tokens", "price_per_token", "cost",
-      "platform_fee")),
-    ("contribution", "event_id",
-     "SELECT event_id, request_id, peer_id, start_block, end_block, tokens_processed, earnings "
-     "FROM far_session_contributions WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     f"SELECT event_id, request_id, peer_id, start_block, end_block, tokens_processed, earnings "
-     f"FROM {SCHEMA}.contributions WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     ("request_id", "peer_id", "start_block", "end_block", "tokens_processed", "earnings")),
-    ("node earnings (ledger credits)", "peer_id",
-     "SELECT a.peer_id, sum(e.amount) AS earnings FROM far_ledger_entries e "
-     "JOIN far_accounts a ON a.account_id = e.account_id AND a.kind = 'node' "
-     "JOIN far_ledger_transactions t ON t.txn_id = e.txn_id AND t.kind = 'settlement' "
-     "WHERE e.side = 'credit' AND t.request_id IN (SELECT request_id FROM replay_scope) GROUP BY a.peer_id",
-     f"SELECT peer_id, sum(earnings) AS earnings FROM {SCHEMA}.contributions "
-     f"WHERE request_id IN (SELECT request_id FROM replay_scope) AND earnings > 0 GROUP BY peer_id",
-     ("earnings",)),
-    ("client charges (ledger debits)", "account_id",
-     "SELECT e.account_id, sum(e.amount) AS cost FROM far_ledger_entries e "
-     "JOIN far_ledger_transactions t ON t.txn_id = e.txn_id AND t.kind = 'settlement' "
-     "WHERE e.side = 'debit' AND t.request_id IN (SELECT request_id FROM replay_scope) GROUP BY e.account_id",
-     f"SELECT account_id, sum(cost) AS cost FROM {SCHEMA}.sessions "
-     f"WHERE request_id IN (SELECT request_id FROM replay_scope) AND cost > 0 GROUP BY account_id",
-     ("cost",)),
-    ("payable item (payments group)", "contribution_id",
-     "SELECT contribution_id, request_id, peer_id, amount FROM far_payment_items "
-     "WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     f"SELECT event_id AS contribution_id, request_id, peer_id, earnings AS amount FROM {SCHEMA}.contributions "
-     f"WHERE request_id IN (SELECT request_id FROM replay_scope)",
-     ("request_id", "peer_id", "amount")),
-]
-
-
-def _show(value: Any) -> str:
-    return money.text(value) if isinstance(value, Decimal) else str(value)
-
-
-def _differing(key: str, live_sql: str, replay_sql: str, columns: tuple[str, ...]) -> str:
-    """The rows that differ between the two queries (only on one side, or a compared column not equal),
-    found by the database: neither side is loaded into memory."""
-    sides = ", ".join(f"l.{c} AS live_{c}, r.{c} AS replay_{c}" for c in columns)
-    changed = " OR ".join(f"l.{c} IS DISTINCT FROM r.{c}" for c in columns)
-    return (f"SELECT COALESCE(l.{key}, r.{key}) AS k, l.{key} IS NOT NULL AS in_live, r.{key} IS NOT NULL AS in_replay, "
-            f"{sides} FROM ({live_sql}) l FULL JOIN ({replay_sql}) r ON l.{key} = r.{key} "
-            f"WHERE l.{key} IS NULL OR r.{key} IS NULL OR {changed} "
-            f"ORDER BY COALESCE(l.{key}, r.{key})::text COLLATE \"C\"")
-
-
-async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> list[str]:
-    """Every difference between the far_replay projections and the live ledger (empty: identical)."""
-    differences: list[str] = []
-    async with conn.transaction(isolation="repeatable_read"):
-        await conn.execute("CREATE TEMP TABLE replay_scope (request_id TEXT PRIMARY KEY) ON COMMIT DROP")
-        await conn.execute(_SCOPE, since)
-        await conn.execute("ANALYZE replay_scope")  # a temporary table is never analyzed otherwise
-        for what, key, live_sql, replay_sql, columns in _COMPARE:
-            for row in await conn.fetch(_differing(key, live_sql, replay_sql, columns)):
-                if not row["in_live"]:
-                    differences.append(f"{what} {row['k']}: only in the replay ({_fields(row, 'replay', columns)})")
-                elif not row["in_replay"]:
-                    differences.append(f"{what} {row['k']}: only in the live ledger ({_fields(row, 'live', columns)})")
-                else:
-                    differences.append(f"{what} {row['k']}: " + ", ".join(
-                        f"{c} live={_show(row['live_' + c])} replay={_show(row['replay_' + c])}"
-                        for c in columns if row["live_" + c] != row["replay_" + c]))
-    return differences
-
-
-def _fields(row: asyncpg.Record, side: str, columns: tuple[str, ...]) -> str:
-    return ", ".join(f"{c}={_show(row[side + '_' + c])}" for c in columns)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -18,7 +18,9 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from farmesh.billing.acceptance import outcomes_of, reject_reasons
+from db.views.acceptance import acceptance_facts
+from farmesh.billing.acceptance import reasons_for
+from farmesh.kafka.batches import outcomes_of
 from consumers.payments.repository import record_payable
 from farmesh.kafka import messaging
 from schemas import topics
@@ -49,7 +51,7 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
     async def record(_: list[Any], message: KafkaMessage) -> None:
         records, outcomes, sources = await outcomes_of(broker, topics.GROUP_PAYMENTS, message)
         async with pool.acquire() as conn:
-            rejected = await reject_reasons(conn, outcomes, "far_payment_items", "contribution_id")
+            rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id"))
             for i, reason in rejected.items():
                 await messaging.send_dead_letter(broker, topics.GROUP_PAYMENTS, sources[i], f"not payable: {reason}")
             result = await record_payable(conn, [o for i, o in enumerate(outcomes) if i not in rejected])

@@ -29,13 +29,12 @@ import asyncpg
 from farmesh.billing import accounts
 
 from farmesh.runtime.errors import Refused
+from db.views.payments import ITEMS_HIGH_WATER
 from schemas import money
 from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
 
 _PAYOUT_NAMESPACE = uuid.UUID("0b7f6a0e-93d4-4c0e-8d55-6c1c3d5e2a90")
 CLOSE_LOCK = "farmesh.payments.close"
-# The items' high-water mark: the last seq handed out (the close's through_seq; the audit checks lines against it).
-ITEMS_HIGH_WATER = "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM far_payment_items_seq_seq"
 
 
 class PaymentsError(Refused):

@@ -29,7 +29,7 @@ def rebuild_command(database_url: str, kafka_bootstrap: str | None, until_group:
 
 
 async def _rebuild(settings: Settings, database_url: str, until_group: str | None) -> dict[str, int]:
-    from consumers.registry.consumer import committed_offsets, rebuild
+    from consumers.registry.rebuild import committed_offsets, rebuild
     from db.migrate import migrate
 
     await migrate(database_url)

@@ -12,10 +12,8 @@ the topic: replaying it from the beginning (a new group on an empty database) re
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -148,98 +146,3 @@ def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistr
     return metrics
 
 
-class Sweeper:
-    """Publishes `node.timed_out` for live nodes not heard from for `timeout` seconds."""
-
-    def __init__(self, broker: KafkaBroker, pool: asyncpg.Pool, timeout: float, period: float | None = None,
-                 metrics: Metrics | None = None, topic: str = topics.HEARTBEATS.name) -> None:
-        self.broker, self.pool, self.timeout, self.metrics, self.topic = broker, pool, timeout, metrics, topic
-        self.period = period if period is not None else min(max(timeout / 4, 0.2), 5.0)
-        self._published: dict[str, tuple[Any, float]] = {}
-
-    async def sweep_once(self, now: datetime | None = None) -> list[NodeTimedOut]:
-        now = now or datetime.now(timezone.utc)
-        due = await repository.due_for_timeout(self.pool, now - timedelta(seconds=self.timeout))
-        published = []
-        for row in due:
-            peer, heartbeat_id = row["peer_id"], row["last_heartbeat_id"]
-            previous = self._published.get(peer)
-            if previous is not None and previous[0] == heartbeat_id and time.monotonic() - previous[1] < self.timeout:
-                continue  # decided already; not applied yet
-            decision = NodeTimedOut(peer_id=peer, last_heartbeat_id=heartbeat_id, last_seen=row["last_seen"],
-                                    timeout_seconds=self.timeout)
-            await messaging.publish(self.broker, self.topic, decision, peer)
-            self._published[peer] = (heartbeat_id, time.monotonic())
-            published.append(decision)
-            log.info("node %s timed out: last heartbeat entered the log at %s", peer, row["last_seen"].isoformat())
-        if self.metrics is not None:
-            self.metrics.timeouts_published.inc(len(published))
-            counts = {r["state"]: r["n"] for r in await self.pool.fetch(
-                "SELECT state, count(*) AS n FROM far_nodes GROUP BY state")}
-            for state in ("unknown", *rules.LIVE_STATES, "offline"):
-                self.metrics.nodes.labels(state).set(counts.get(state, 0))
-        return published
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("registry sweep failed; retrying", exc_info=True)
-            await asyncio.sleep(self.period)
-
-
-async def committed_offsets(bootstrap: str, group_id: str, topic: str = topics.HEARTBEATS.name) -> dict[int, int]:
-    """The next offset `group_id` will read in each partition of `topic` (what it has applied)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group_id)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset >= 0}
-
-
-async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEARTBEATS.name,
-                  until: dict[int, int] | None = None, max_skew: float = 60.0, batch: int = 500) -> dict[str, int]:
-    """Replay the heartbeat topic from the beginning into `pool`'s (migrated, empty) registry tables.
-
-    Reads each partition up to `until` (default: its end now), exactly as the consumer group would have, with
-    the same rules; nothing is published (no time-outs, no dead letters). With `until` = a live group's
-    committed offsets, the result equals that group's table. Returns counts of records read and refused.
-    """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    read = refused = 0
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not partitions:
-            await consumer.topics()
-            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        ends = await consumer.end_offsets(partitions)
-        stop = {tp: (ends[tp] if until is None else min(until.get(tp.partition, 0), ends[tp])) for tp in partitions}
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        skew = timedelta(seconds=max_skew)
-        pending = {tp for tp in partitions if stop[tp] > 0}
-        for tp in partitions:
-            if stop[tp] > 0 and await consumer.position(tp) >= stop[tp]:
-                pending.discard(tp)
-        while pending:
-            fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=batch)
-            for tp, records in fetched.items():
-                records = [r for r in records if r.offset < stop[tp]]
-                if records:
-                    refused += len(await apply_records(pool, records, skew))
-                    read += len(records)
-                if await consumer.position(tp) >= stop[tp]:
-                    pending.discard(tp)
-    finally:
-        await consumer.stop()
-    return {"read": read, "refused": refused}

@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 async def run_registry(settings: Settings, host: str, port: int) -> None:
     """The registry group, and the sweeper that times out silent nodes."""
     from consumers.registry import consumer
+    from consumers.registry.sweeper import Sweeper
 
     def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
         metrics = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
-        return [consumer.Sweeper(broker, pool, settings.node_timeout, metrics=metrics).run]
+        return [Sweeper(broker, pool, settings.node_timeout, metrics=metrics).run]
 
     await run_database_consumer(settings, host, port, topics.GROUP_REGISTRY, topics.HEARTBEATS.name, register)

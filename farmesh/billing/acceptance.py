@@ -8,17 +8,14 @@ the work the ledger credits, and a replay rebuilds the same projections.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 from uuid import UUID
 
-import asyncpg
-from pydantic import ValidationError
 
-from farmesh.kafka import messaging
 
 from schemas import money
 from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost
-from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
+from schemas.events import SessionOutcome
 
 
 def money_problem(o: SessionOutcome) -> str | None:
@@ -72,39 +69,3 @@ def reasons_for(outcomes: Sequence[SessionOutcome], clients: set[UUID], owners: 
     return reasons
 
 
-async def reject_reasons(conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[SessionOutcome],
-                         contributions_table: str, id_column: str) -> dict[int, str]:
-    """reasons_for() with what the database knows: the client accounts, and the owners of the outcomes'
-    contribution ids in the consumer's own contributions table."""
-    if not outcomes:
-        return {}
-    ids = [c.contribution_id for o in outcomes for c in o.contributions]
-    # One round trip: the owners of the contribution ids, then the known clients among the accounts named.
-    rows = await conn.fetch(
-        f"SELECT true AS owned, {id_column} AS id, request_id FROM {contributions_table} WHERE {id_column} = ANY($1::uuid[]) "
-        "UNION ALL SELECT false, account_id, NULL FROM far_accounts WHERE kind = 'client' AND account_id = ANY($2::uuid[])",
-        ids, list({o.account_id for o in outcomes}))
-    owners = {r["id"]: r["request_id"] for r in rows if r["owned"]}
-    return reasons_for(outcomes, {r["id"] for r in rows if not r["owned"]}, owners)
-
-
-async def outcomes_of(broker: Any, group: str, message: Any) -> tuple[list[Any], list[SessionOutcome], list[Any]]:
-    """A consumer batch of the sessions topic: (records, session outcomes, the record of each outcome).
-
-    Records that are no session event go to the dead-letter topic; NodeContribution events are skipped
-    because every contribution also travels inside its outcome.
-    """
-    raw = message.raw_message
-    records = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    outcomes: list[SessionOutcome] = []
-    sources: list[Any] = []
-    for record in records:
-        try:
-            event = session_event_adapter.validate_json(record.value)
-        except (ValidationError, ValueError) as exc:
-            await messaging.send_dead_letter(broker, group, record, f"invalid session event: {exc}")
-            continue
-        if not isinstance(event, NodeContribution):
-            outcomes.append(event)
-            sources.append(record)
-    return records, outcomes, sources

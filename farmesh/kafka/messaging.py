@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from functools import partial
 from typing import Any, Iterable
@@ -17,42 +16,13 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
+from farmesh.kafka import long_poll
 from schemas import topics
 from schemas.events import DeadLetter, Event
 
 log = logging.getLogger(__name__)
 
-def _floor_fetch_long_poll() -> None:
-    """An empty fetch answer waits out the rest of fetch_max_wait_ms on the client.
 
-    Kafka long-polls: a fetch with no new data is answered only after fetch_max_wait_ms, so an idle
-    consumer costs nothing. The dev broker (noida-db) answers at once, and aiokafka then fetches again
-    immediately: each idle consumer spun a CPU core. Against a real Kafka the answer already took
-    fetch_max_wait_ms, so this never sleeps there.
-    """
-    from aiokafka.consumer.fetcher import Fetcher
-
-    original = Fetcher._proc_fetch_request
-    if getattr(original, "__farmesh_long_poll__", False):
-        return
-
-    async def proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> bool:
-        started = time.monotonic()
-        got_records = await original(self, assignment, node_id, request)
-        if not got_records:
-            rest = self._fetch_max_wait_ms / 1000 - (time.monotonic() - started)
-            if rest > 0:
-                try:
-                    await asyncio.sleep(rest)
-                except asyncio.CancelledError:  # close() or unassignment; aiokafka's own fetch returns quietly too
-                    return got_records
-        return got_records
-
-    proc_fetch_request.__farmesh_long_poll__ = True  # type: ignore[attr-defined]
-    Fetcher._proc_fetch_request = proc_fetch_request
-
-
-_floor_fetch_long_poll()
 
 # Each service serves its own registry; a broker's dead-letter counter lives in the registry it was made with.
 _dead_letter_counters: "weakref.WeakKeyDictionary[KafkaBroker, Counter]" = weakref.WeakKeyDictionary()
@@ -96,6 +66,8 @@ class DeadLetterMiddleware(BaseMiddleware):
 
 
 def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **kwargs: Any) -> KafkaBroker:
+    """A service's broker: idempotent producer, Prometheus and dead-letter middlewares, the long-poll floor."""
+    long_poll.install()
     broker = KafkaBroker(
         bootstrap,
         client_id=f"farmesh-{service}",

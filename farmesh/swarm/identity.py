@@ -1,4 +1,5 @@
-"""Signed node heartbeats: the node's libp2p identity, signing and verification, and the node-side publisher.
+"""A node's libp2p identity and its signed heartbeats: signing (the node, producers/node/heartbeat.py) and
+verification (the registry).
 
 Identity. A Petals node's peer id is the libp2p peer id of the private key in its `--identity-path` file
 (hivemind 1.1.12 writes a libp2p protobuf `PrivateKey{key_type: RSA, data: DER (PKCS#1) private key}`, RSA 2048).

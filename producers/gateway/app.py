@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from consumers.ledger.repository import fetch_session
+from db.views.sessions import fetch_session
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
 from schemas import money

@@ -23,7 +23,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from consumers.registry import repository
+from db.views import nodes as node_view
 from db.views.coverage import ModelHealth, model_health, swarm_health
 from schemas import money
 log = logging.getLogger(__name__)
@@ -57,14 +57,14 @@ def router(get_pool: Callable[[], asyncpg.Pool], own_model: str, live_coverage: 
 
     @api.get("/api/nodes", summary="Registered nodes, optionally by model and state")
     async def list_nodes(model: str | None = None, state: State | None = None) -> JSONResponse:
-        nodes = await repository.list_nodes(get_pool(), model, state)
+        nodes = await node_view.list_nodes(get_pool(), model, state)
         return _json({"nodes": nodes, "count": len(nodes)})
 
     @api.get("/api/nodes/{peer_id}", summary="One node: state, blocks, uptime, tokens served and earnings so far")
     async def get_node(peer_id: str) -> JSONResponse:
-        node = await repository.get_node(get_pool(), peer_id)
+        node = await node_view.get_node(get_pool(), peer_id)
         if node is None:
-            work = await repository.unregistered_work(get_pool(), peer_id)
+            work = await node_view.unregistered_work(get_pool(), peer_id)
             detail = f"no node {peer_id!r} in the registry (it never sent a valid heartbeat)"
             if work["contributions"]:
                 return _json({"detail": detail, "unregistered_work": work}, status_code=404)
@@ -73,7 +73,7 @@ def router(get_pool: Callable[[], asyncpg.Pool], own_model: str, live_coverage: 
 
     @api.get("/api/swarm", summary="Per model and block: online nodes, throughput and gaps")
     async def swarm() -> JSONResponse:
-        spans = await repository.node_spans(get_pool())
+        spans = await node_view.node_spans(get_pool())
         models = {h.model: h for h in swarm_health(spans)}
         live: dict[str, Any] | None = None
         if live_coverage is not None:

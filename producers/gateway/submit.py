@@ -26,7 +26,7 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from consumers.ledger.repository import fetch_session
+from db.views.sessions import fetch_session
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
 from schemas import money

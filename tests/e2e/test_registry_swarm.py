@@ -24,7 +24,9 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
-from consumers.registry.repository import online_peers, snapshot
+from consumers.registry.sweeper import Sweeper
+from consumers.registry.repository import snapshot
+from db.views.nodes import online_peers
 from db.migrate import migrate
 from farmesh.kafka import messaging
 from consumers.inference.generation import load_client
@@ -116,7 +118,7 @@ async def mesh(swarm: Swarm, kafka_bootstrap: str, postgres_admin_url: str) -> A
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_REGISTRY, CollectorRegistry())
     metrics = registry.register(broker, pool, CollectorRegistry(), group_id=group)
     await broker.start()
-    sweeper = asyncio.create_task(registry.Sweeper(broker, pool, TIMEOUT, period=0.5, metrics=metrics).run())
+    sweeper = asyncio.create_task(Sweeper(broker, pool, TIMEOUT, period=0.5, metrics=metrics).run())
     view = await asyncio.to_thread(SwarmView, swarm.initial_peers, swarm.dht_prefix, 4, 0.5)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=url, model=str(swarm.model_dir),
                         initial_peers=swarm.initial_peers, dht_prefix=swarm.dht_prefix)

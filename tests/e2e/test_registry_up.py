@@ -20,7 +20,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers.registry.consumer import committed_offsets, rebuild
+from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
 from farmesh.swarm.identity import NodeIdentity, signing_bytes

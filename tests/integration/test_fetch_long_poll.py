@@ -8,13 +8,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher
 
-from farmesh.kafka import messaging  # noqa: F401 - installs the long-poll floor
+from farmesh.kafka import long_poll
 from farmesh.kafka.messaging import ensure_topics
 
 pytestmark = pytest.mark.integration
 
 
 async def test_idle_consumer_fetches_at_most_once_per_max_wait(kafka_bootstrap, monkeypatch):
+    long_poll.install()
     assert Fetcher._proc_fetch_request.__farmesh_long_poll__
     fetches = 0
     floored = Fetcher._proc_fetch_request

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
+from consumers.registry.sweeper import Sweeper
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
 from farmesh.kafka import messaging
@@ -159,7 +160,7 @@ async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url:
     metrics = registry.register(broker, pool, CollectorRegistry(), group_id=group, topic=topic)
     await broker.start()
     sweeper = asyncio.create_task(
-        registry.Sweeper(broker, pool, TIMEOUT, period=0.2, metrics=metrics, topic=topic).run())
+        Sweeper(broker, pool, TIMEOUT, period=0.2, metrics=metrics, topic=topic).run())
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=empty_database_url, dht_prefix=model,
                         model=str(tiny_model_dir))
 
