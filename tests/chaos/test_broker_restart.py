@@ -24,7 +24,7 @@ from schemas import topics
 from tests.support.chaos import Timer, ledger_drill
 from tests.support.kafka import read_all
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 SESSIONS = 300
 OUTAGE = 5.0  # longer than a publish attempt (2 s): publishes fail and are retried

@@ -20,7 +20,7 @@ from tests.support.chaos import (
     until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 SESSIONS = 300
 

@@ -13,7 +13,7 @@ from consumers.inference import generation
 from farmesh.dev.swarm import start_dht, start_node
 from tests.support.reference import greedy_ids
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
 PROMPT = "Fault drill: keep generating"
 MAX_NEW_TOKENS = 40

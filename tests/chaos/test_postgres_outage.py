@@ -15,7 +15,7 @@ import pytest
 from farmesh.dev.local_services import start_postgres
 from tests.support.chaos import Timer, ledger_drill
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 SESSIONS = 300
 OUTAGE = 10.0

@@ -40,7 +40,7 @@ from tests.support.chaos import (
 )
 from tests.support.kafka import read_all
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
 PROMPT = "Fault drill: a worker dies while it generates"
 MAX_TOKENS = 120
