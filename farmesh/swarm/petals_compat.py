@@ -2,7 +2,8 @@
 
 Call `install()` before the first `import petals` (it is idempotent). Each adaptation below has a test in
 tests/unit/test_petals_compat.py that fails once upstream changes so the adaptation is no longer needed
-(or no longer works). Facts behind them: /work/shared/ENVIRONMENT-NOTES.md section 3.
+(or no longer works). The facts behind them (the install recipe, what each default would reach, the failover
+and close bugs) are in README.md, "Petals, safely".
 """
 from __future__ import annotations
 
