@@ -2,13 +2,17 @@
 
 1. Check it: a model this gateway serves (404), a prompt within max_prompt_tokens and max_tokens within
    max_new_tokens (400), a deadline within bounds.
-2. Reserve max_tokens x price on the caller's account (farmesh.billing.accounts.reserve): 401 / 402, 429 when the
-   model already has max_pending_requests pending over all gateways, and idempotency: the same account
-   repeating a request id (or Idempotency-Key) with the same parameters gets that request's stream (if this
-   gateway still streams it) or its recorded result; with other parameters, 422; another account's id, 409.
+2. Reserve max_tokens x price on the caller's account (the Accounts port; farmesh.billing.accounts.reserve in
+   production): 401 / 402, 429 when the model already has max_pending_requests pending over all gateways, and
+   idempotency: the same account repeating a request id (or Idempotency-Key) with the same parameters gets that
+   request's stream (if this gateway still streams it) or its recorded result; with other parameters, 422;
+   another account's id, 409.
 3. Publish InferenceRequested, naming this gateway's own reply topic, and hand back the live stream.
 A client that goes away before the end cancels the request (when it was the stream's last reader): the
 worker stops before its next token and the ledger charges only the tokens delivered.
+
+The database and the broker are reached only through the ports of producers.gateway.ports (Accounts, Sessions,
+Publisher), so these rules run in unit tests against in-memory fakes.
 """
 from __future__ import annotations
 
@@ -22,17 +26,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-import asyncpg
-from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from db.views.sessions import fetch_session
-from farmesh.billing import accounts
-from farmesh.kafka import messaging
-from schemas import money
+from farmesh.billing.accounts import (AccountError, AlreadyRequested, DuplicateRequest, Existing,
+                                     InsufficientFunds, ParametersDiffer, QueueFull, Reservation, Unauthorized)
 from farmesh.runtime.settings import Settings
+from producers.gateway.ports import Accounts, Publisher, Sessions
 from producers.gateway.streams import ReplyEvent, ReplyStream, ReplyStreams
-from schemas import topics
+from schemas import money
 from schemas.events import InferenceCancelled, InferenceRequested, Sampling, StreamEnded, TokenChunk, Usage
 
 log = logging.getLogger(__name__)
@@ -112,27 +113,27 @@ class Metrics:
 
 
 # account error -> HTTP status, OpenAI's error code, the native API's error (also the metrics outcome label)
-_ACCOUNT_ERRORS: list[tuple[type[accounts.AccountError], int, str, str]] = [
-    (accounts.Unauthorized, 401, "invalid_api_key", "unauthorized"),
-    (accounts.InsufficientFunds, 402, "insufficient_quota", "insufficient_funds"),
-    (accounts.QueueFull, 429, "rate_limit_exceeded", "rate_limited"),
-    (accounts.ParametersDiffer, 422, "idempotency_key_reused", "parameters_differ"),
-    (accounts.DuplicateRequest, 409, "duplicate_request_id", "duplicate_request_id"),
+_ACCOUNT_ERRORS: list[tuple[type[AccountError], int, str, str]] = [
+    (Unauthorized, 401, "invalid_api_key", "unauthorized"),
+    (InsufficientFunds, 402, "insufficient_quota", "insufficient_funds"),
+    (QueueFull, 429, "rate_limit_exceeded", "rate_limited"),
+    (ParametersDiffer, 422, "idempotency_key_reused", "parameters_differ"),
+    (DuplicateRequest, 409, "duplicate_request_id", "duplicate_request_id"),
 ]
 
 
-def refusal(exc: accounts.AccountError) -> Refused:
+def refusal(exc: AccountError) -> Refused:
     """The HTTP refusal for an account error (its `native` error name is the outcome label it counts under)."""
     for kind, status, code, outcome in _ACCOUNT_ERRORS:
         if isinstance(exc, kind):
             headers: dict[str, str] = {}
             extra: dict[str, Any] = {}
-            if isinstance(exc, accounts.Unauthorized):
+            if isinstance(exc, Unauthorized):
                 headers["WWW-Authenticate"] = 'Bearer realm="farmesh"'
-            elif isinstance(exc, accounts.InsufficientFunds):
+            elif isinstance(exc, InsufficientFunds):
                 extra = {"required_far": money.text(money.to_far(exc.required)),
                          "available_far": money.text(money.to_far(exc.available))}
-            elif isinstance(exc, accounts.QueueFull):
+            elif isinstance(exc, QueueFull):
                 headers["Retry-After"] = str(exc.retry_after)
             param = "request_id" if status in (409, 422) else None
             return Refused(status, code, str(exc), param=param, headers=headers, extra=extra, native=outcome)
@@ -140,10 +141,11 @@ def refusal(exc: accounts.AccountError) -> Refused:
 
 
 class Submitter:
-    def __init__(self, settings: Settings, pool: Callable[[], asyncpg.Pool], broker: KafkaBroker,
+    def __init__(self, settings: Settings, accounts: Accounts, sessions: Sessions, publisher: Publisher,
                  streams: ReplyStreams, metrics: Metrics, tokenizer: Tokenizer, reply_topic: str,
                  stream_timeout: float) -> None:
-        self.settings, self._pool, self.broker, self.streams = settings, pool, broker, streams
+        self.settings, self.accounts, self.sessions, self.publisher = settings, accounts, sessions, publisher
+        self.streams = streams
         self.metrics, self.tokenizer, self.reply_topic = metrics, tokenizer, reply_topic
         self.stream_timeout = stream_timeout
         self._cancelling: set[asyncio.Task[None]] = set()
@@ -175,19 +177,18 @@ class Submitter:
         except Refused:
             self.metrics.requests.labels("invalid").inc()
             raise
-        pool = self._pool()
         price = self.settings.price_for(ask.model)
         deadline = datetime.now(timezone.utc) + timedelta(seconds=ask.deadline_seconds or self.settings.request_deadline)
-        reservation = accounts.Reservation(
+        reservation = Reservation(
             ask.request_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
             request_hash=ask.fingerprint(), deadline=deadline,
             max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
         try:
-            client, _held = await accounts.reserve(pool, authorization, reservation)
-        except accounts.AlreadyRequested as exc:
+            client = await self.accounts.reserve(authorization, reservation)
+        except AlreadyRequested as exc:
             self.metrics.requests.labels("repeated").inc()
             return await self._existing(exc.existing)
-        except accounts.AccountError as exc:
+        except AccountError as exc:
             refused = refusal(exc)
             self.metrics.requests.labels(refused.native).inc()
             if refused.status == 401:
@@ -204,24 +205,23 @@ class Submitter:
             platform_fee_rate=self.settings.platform_fee, sampling=ask.sampling, deadline=deadline,
         )
         try:
-            await messaging.publish(self.broker, topics.REQUESTS.name, request, request.request_id)
+            await self.publisher.request(request)
         except Exception as exc:
             self.streams.close(ask.request_id)
             self.metrics.requests.labels("broker_error").inc()
             # Not queued (as far as we know): hold nothing. Should it have reached the log after all, the
             # ledger still settles its outcome (the debit does not depend on the reservation).
-            await accounts.release(pool, ask.request_id, f"publish failed: {type(exc).__name__}")
+            await self.accounts.release(ask.request_id, f"publish failed: {type(exc).__name__}")
             raise Refused(503, "service_unavailable", "the request could not be queued; retry shortly",
                           headers={"Retry-After": "1"}) from exc
         self.metrics.requests.labels("accepted").inc()
         return Live(ask.request_id, stream, started=received)
 
-    async def _existing(self, existing: accounts.Existing) -> Live | Finished:
+    async def _existing(self, existing: Existing) -> Live | Finished:
         """The answer to a repeated request: its live stream here, else its recorded session."""
         if (stream := self.streams.get(existing.request_id)) is not None:
             return Live(existing.request_id, stream)
-        pool = self._pool()
-        session = await fetch_session(pool, existing.request_id)
+        session = await self.sessions.fetch(existing.request_id)
         if session is None and existing.status == "released":
             # Released without a session: it was never queued (the publish failed); it will never have a result.
             raise Refused(409, "request_not_queued", f"request {existing.request_id!r} could not be queued earlier "
@@ -236,7 +236,7 @@ class Submitter:
                 raise Refused(504, "timeout", f"request {existing.request_id!r} was accepted but has no result yet; "
                               "retry later", headers={"Retry-After": "5"})
             await asyncio.sleep(0.25)
-            session = await fetch_session(pool, existing.request_id)
+            session = await self.sessions.fetch(existing.request_id)
         return Finished(
             request_id=existing.request_id, status=session["status"],
             finish_reason=session.get("finish_reason") or "error", completion=session["completion"],
@@ -276,8 +276,7 @@ class Submitter:
     def cancel(self, request_id: str, reason: str) -> None:
         """Tell the workers to stop a request nobody reads any more: it is charged only what was delivered."""
         event = InferenceCancelled(request_id=request_id, reason=reason)
-        task = asyncio.get_running_loop().create_task(messaging.publish(self.broker, topics.CONTROL.name, event,
-                                                                         request_id))
+        task = asyncio.get_running_loop().create_task(self.publisher.cancel(event))
         self._cancelling.add(task)
         task.add_done_callback(self._cancel_sent)
 

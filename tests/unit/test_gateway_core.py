@@ -1,12 +1,18 @@
-"""The gateway's pure parts: reply streams (late joiners, redelivered tokens), chat rendering, request fingerprints."""
+"""The gateway's pure parts: reply streams (late joiners, redelivered tokens), chat rendering, request fingerprints,
+the status page and its CSP."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import re
 from decimal import Decimal
+from importlib import resources
 
 import pytest
 
 from producers.gateway.chat import ChatMessage, default_prompt, render
+from producers.gateway.discovery import STATUS_CSP, STATUS_PAGE
 from producers.gateway.streams import ReplyStreams
 from producers.gateway.submit import Ask
 from schemas.events import Sampling, StreamEnded, TokenChunk, Usage
@@ -74,3 +80,18 @@ def test_the_fingerprint_changes_with_anything_that_changes_the_tokens():
                   Ask("r", "m2", "p", 5, base.sampling), Ask("r", "m", "p", 5, Sampling(temperature=0.5, seed=2)),
                   Ask("r", "m", "p", 5, Sampling(temperature=0.5, seed=1, stop=["."]))):
         assert other.fingerprint() != base.fingerprint()
+
+
+def test_the_status_csp_admits_exactly_the_pages_own_inline_script_and_style():
+    def sha256(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    scripts = re.findall(r"<script>(.*?)</script>", STATUS_PAGE, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", STATUS_PAGE, re.S)
+    assert len(scripts) == len(styles) == 1 and "{{" not in STATUS_PAGE  # every placeholder filled
+    static = resources.files("producers.gateway").joinpath("static")
+    assert scripts[0] == static.joinpath("status.js").read_text(encoding="utf-8")
+    assert styles[0] == static.joinpath("status.css").read_text(encoding="utf-8")
+    directives = dict(d.strip().split(" ", 1) for d in STATUS_CSP.split(";"))
+    assert directives["default-src"] == "'none'"
+    assert directives["script-src"] == sha256(scripts[0]) and directives["style-src"] == sha256(styles[0])

@@ -114,4 +114,4 @@ def test_dependencies_point_one_way():
 def test_the_checks_see_real_imports():
     edges = graph()
     assert "schemas.money" in edges["schemas.events"]
-    assert "db.views.sessions" in edges["producers.gateway.submit"]
+    assert "db.views.sessions" in edges["producers.gateway.ports"]

@@ -1,0 +1,124 @@
+"""The native API: generation as Server-Sent Events, and the recorded sessions.
+
+POST /api/inference/generate  {"prompt", "max_tokens", "request_id", sampling...} -> SSE: `token` events,
+                              then `done` (with usage) or `error`. Needs `Authorization: Bearer KEY`.
+GET  /api/sessions/{id}       the recorded session and its contributions (from the ledger; the key's own)
+
+Refusals are JSON {"detail", "error", ...}; parameter errors are 422 like every other invalid body here (the
+OpenAI-compatible API, producers.gateway.openai_api, says 400 for the same refusals).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter, Body, Header, HTTPException
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from farmesh.billing.accounts import Unauthorized
+from producers.gateway.ports import Accounts, Sessions
+from producers.gateway.submit import Ask, Finished, Live, Refused, Submitter, refusal
+from schemas import money
+from schemas.events import RequestId, Sampling, StopSequence, TokenChunk
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    max_tokens: int = Field(default=100, ge=1)
+    request_id: RequestId | None = Field(default=None, description="Idempotency key; default: the Idempotency-Key "
+                                         "header, else a fresh id")
+    model: str | None = Field(default=None, description="Default: the model this gateway serves")
+    temperature: float = Field(default=0.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0, le=100_000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[StopSequence] = Field(default_factory=list, max_length=4)
+    deadline_seconds: float | None = Field(default=None, gt=0, description="Start within this many seconds or "
+                                           "never (expired, charged nothing); default FARMESH_REQUEST_DEADLINE")
+
+
+def native_error(refused: Refused) -> JSONResponse:
+    # Parameter errors are 422 here, like every other invalid body of this API (OpenAI's API says 400).
+    status = 422 if refused.status == 400 else refused.status
+    body = {"detail": refused.message, "error": refused.native, **refused.extra}
+    return JSONResponse(status_code=status, content=body, headers=refused.headers)
+
+
+def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIRouter:
+    api = APIRouter()
+    model_name = submitter.settings.model_name
+
+    @api.post("/api/inference/generate", response_class=EventSourceResponse,
+              responses={200: {"description": "Server-Sent Events: token*, then done or error"},
+                         401: {"description": "missing, unknown or revoked API key"},
+                         402: {"description": "balance below max_tokens x price"},
+                         404: {"description": "unknown model"},
+                         409: {"description": "request_id used by another account"},
+                         422: {"description": "invalid body, or request_id reused with other parameters"},
+                         429: {"description": "the model's queue is full (see Retry-After)"}})
+    async def generate(body: GenerateRequest = Body(openapi_examples={
+                           "plan": {"summary": "the plan's request", "value": {
+                               "prompt": "Hello, how are you?", "max_tokens": 20, "request_id": "test-001"}},
+                           "sampled": {"summary": "sampled, with a stop sequence", "value": {
+                               "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8, "top_p": 0.95,
+                               "top_k": 40, "seed": 3, "stop": ["."], "model": model_name}}}),
+                       authorization: str | None = Header(default=None),
+                       idempotency_key: RequestId | None = Header(default=None)) -> Any:
+        if body.request_id and idempotency_key and body.request_id != idempotency_key:
+            raise HTTPException(422, "request_id and the Idempotency-Key header differ; send one of them")
+        sampling = Sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                            stop=body.stop)
+        ask = Ask(body.request_id or idempotency_key or uuid.uuid4().hex, body.model or model_name,
+                  body.prompt, body.max_tokens, sampling, body.deadline_seconds)
+        try:
+            answer = await submitter.submit(ask, authorization)
+        except Refused as refused:
+            return native_error(refused)
+        return EventSourceResponse(_relay(submitter, answer), ping=15)
+
+    @api.get("/api/sessions/{request_id}", responses={401: {"description": "missing, unknown or revoked API key"}})
+    async def get_session(request_id: str, authorization: str | None = Header(default=None)) -> Any:
+        try:
+            client = await accounts.authenticate(authorization)
+        except Unauthorized as exc:
+            submitter.metrics.unauthorized.inc()
+            return native_error(refusal(exc))
+        session = await sessions.fetch(request_id)
+        if session is None or session.get("account_id") not in (None, client.account_id):
+            raise HTTPException(404, f"no session {request_id!r} in the ledger (yet)")
+        return jsonable_encoder(session, custom_encoder={Decimal: money.text})  # money stays exact
+
+    return api
+
+
+async def _relay(submitter: Submitter, answer: Live | Finished) -> AsyncIterator[dict[str, str]]:
+    """The native SSE events of an answer: `token`*, then `done` (completed) or `error`."""
+    if isinstance(answer, Finished):  # a repeated request: the recorded completion, whole
+        if answer.completion:
+            yield {"event": "token", "data": json.dumps({"index": 0, "token_id": None, "text": answer.completion,
+                                                         "replayed": True})}
+        payload = {"request_id": answer.request_id, "status": answer.status,
+                   "finish_reason": answer.finish_reason, "usage": answer.usage.model_dump(mode="json"),
+                   "error": answer.error}
+        yield {"event": "done" if answer.status == "completed" else "error", "data": json.dumps(payload)}
+        return
+    try:
+        async for event in submitter.follow(answer):
+            if isinstance(event, TokenChunk):
+                yield {"event": "token",
+                       "data": json.dumps({"index": event.index, "token_id": event.token_id, "text": event.text})}
+            else:
+                payload = event.model_dump(mode="json",
+                                           include={"request_id", "status", "finish_reason", "usage", "error"})
+                yield {"event": "done" if event.status == "completed" else "error", "data": json.dumps(payload)}
+    except TimeoutError:
+        yield {"event": "error",
+               "data": json.dumps({"request_id": answer.request_id, "error": "timed out waiting for the mesh"})}
