@@ -50,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("farmesh.dev.cli:demo",
                 "Start the local mesh, send the plan's request, print the stream and the ledger, stop."),
     "model": ("farmesh.dev.tiny_model:model_group", 'Model directories for a local mesh.'),
-    "docs": ("farmesh.cli:docs", 'Generated documentation.'),
+    "docs": ("consumers.asyncapi:docs", 'Generated documentation.'),
 }
 
 
@@ -114,20 +114,6 @@ def cli(log_level: str) -> None:
     """Far Mesh: pay-per-token distributed LLM inference."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-
-
-@click.group()
-def docs() -> None:
-    """Generated documentation."""
-
-
-@docs.command("asyncapi")
-@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
-def asyncapi(fmt: str) -> None:
-    """Print the AsyncAPI document of every topic and event (generated from schemas/)."""
-    from schemas.asyncapi import document
-
-    click.echo(document(fmt))
 
 
 def main() -> None:

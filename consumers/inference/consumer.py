@@ -13,16 +13,28 @@ Concurrency: `concurrency` consumers of the group run in one worker process, eac
 the requests topic and one generation at a time, committing its offsets only after the request's outcome is
 published (FastStream's partition-concurrent subscriber). Sampling is seeded by the request id, so a request
 redelivered after a crash regenerates exactly the tokens its client already received.
+
+The group is a FastStream `KafkaRouter` (`InferenceRouter`): its two subscribers and the publishers it declares
+for everything it emits. The handlers are plain functions; what they need (the generator, the model served, the
+metrics, the router's publishers) is a `Worker` that `register()` puts in the broker's context, where their
+`Context(WORKER)` parameter finds it. A router belongs to one broker and its subscribers' options are fixed when
+declared, so `register()` declares one per broker with the worker's concurrency and fetch wait (a test runs two
+workers in one process); the module's `router` is the group as declared by default, which the AsyncAPI document
+(consumers/asyncapi.py) describes. Replies go to each request's own reply topic (one per gateway,
+farmesh.inference.replies.<gateway id>) through the declared `replies` publisher, the topic given per record.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, Union
 
-from faststream.kafka import KafkaBroker
+from faststream import Context
+from faststream.kafka import KafkaBroker, KafkaRouter
+from faststream.kafka.publisher import DefaultPublisher
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -31,10 +43,13 @@ from farmesh.billing.pricing import Work
 from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import (
+    DeadLetter,
     FailReason,
     InferenceCancelled,
     InferenceCompleted,
+    InferenceFailed,
     InferenceRequested,
+    NodeContribution,
     Sampling,
     StreamEnded,
     TokenChunk,
@@ -102,9 +117,9 @@ class Cancellations:
 class TokenRelay:
     """Carries tokens from the generation thread to Kafka, in order, as they appear."""
 
-    def __init__(self, broker: KafkaBroker, request: InferenceRequested, loop: asyncio.AbstractEventLoop,
+    def __init__(self, replies: DefaultPublisher, request: InferenceRequested, loop: asyncio.AbstractEventLoop,
                  cancellations: Cancellations | None = None) -> None:
-        self._broker, self._request, self._loop = broker, request, loop
+        self._replies, self._request, self._loop = replies, request, loop
         self._cancellations = cancellations
         self._queue: asyncio.Queue[tuple[int, int, str] | None] = asyncio.Queue()
         self.delivered = 0
@@ -118,10 +133,11 @@ class TokenRelay:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, token_id, text))
 
     async def _run(self) -> None:
+        request = self._request
         while (item := await self._queue.get()) is not None:
             index, token_id, text = item
-            chunk = TokenChunk(request_id=self._request.request_id, index=index, token_id=token_id, text=text)
-            await messaging.publish(self._broker, self._request.reply_topic, chunk, self._request.request_id)
+            chunk = TokenChunk(request_id=request.request_id, index=index, token_id=token_id, text=text)
+            await messaging.publish_through(self._replies, chunk, request.request_id, topic=request.reply_topic)
             if self.first_token_at is None:
                 self.first_token_at = self._loop.time()
             self.delivered += 1
@@ -132,76 +148,129 @@ class TokenRelay:
         await self._task
 
 
-def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
-             worker_name: str | None = None, concurrency: int = 1, fetch_wait_ms: int = 3) -> None:
-    worker = worker_name or default_source()
-    metrics = Metrics(registry)
-    cancellations = Cancellations()
+WORKER = "inference_worker"  # the key of the handlers' Worker in their broker's context
 
-    # No consumer group: every worker hears every cancellation and stops the request if it runs it.
-    # Fetch waits: a request must start at once (fetch_wait_ms, see Settings.latency_fetch_wait_ms); a
-    # cancellation within one token (tens of ms), so 10 ms spares the CPU an idle dev-broker consumer burns.
-    @broker.subscriber(topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=max(fetch_wait_ms, 10),
-                       title="worker-control",
-                       description="Cancellations: stop a request whose client went away")
-    async def on_cancel(event: InferenceCancelled) -> None:
-        cancellations.add(event.request_id, event.reason)
 
-    @broker.subscriber(
-        topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=fetch_wait_ms,
-        max_workers=concurrency, title="inference", description="Runs a generation request on the Petals swarm",
+@dataclass
+class Worker:
+    """What the group's handlers need, bound to one broker's context by `register()`."""
+
+    generator: Generator
+    model: str
+    name: str  # the `source` of the outcomes this worker publishes
+    metrics: Metrics
+    outcomes: DefaultPublisher  # the router's declared publishers (InferenceRouter)
+    replies: DefaultPublisher
+    cancellations: Cancellations = field(default_factory=Cancellations)
+
+
+async def on_cancel(event: InferenceCancelled, worker: Worker = Context(WORKER)) -> None:
+    """Remember a cancellation: the request stops before its next token (or does not start)."""
+    worker.cancellations.add(event.request_id, event.reason)
+
+
+async def run_inference(request: InferenceRequested, worker: Worker = Context(WORKER)) -> None:
+    """Run one request: stream its tokens, then publish its outcome and contributions, then end its stream."""
+    loop = asyncio.get_running_loop()
+    started_at, t0 = _now(), loop.time()
+    relay = TokenRelay(worker.replies, request, loop, worker.cancellations)
+    error: str | None = None
+    ended_as: FailReason = "error"
+    result: Generated | None = None
+    try:
+        if (reason := worker.cancellations.reason(request.request_id)) is not None:
+            raise RequestCancelled(f"cancelled before it started: {reason}")
+        if request.deadline is not None and started_at > request.deadline:
+            raise RequestExpired(f"picked up {(started_at - request.deadline).total_seconds():.1f} s after "
+                                 "its deadline; not run")
+        if request.model != worker.model:
+            raise ValueError(f"this worker serves model {worker.model!r}, not {request.model!r}")
+        result = await asyncio.to_thread(worker.generator.generate_stream, request.prompt, request.max_tokens,
+                                         relay.on_token, sampling=request.sampling, seed_key=request.request_id)
+    except Exception as exc:  # the generation broke: settle what was delivered, nothing more
+        error = f"{type(exc).__name__}: {exc}"
+        result = getattr(exc, "partial", None)
+        if isinstance(exc, RequestExpired):
+            ended_as = "expired"
+        elif isinstance(exc, RequestCancelled) or isinstance(exc.__cause__, RequestCancelled):
+            ended_as = "cancelled"
+        log.warning("request %s %s: %s", request.request_id, "failed" if ended_as == "error" else ended_as, error)
+    finally:
+        await relay.close()
+
+    spans = list(result.spans) if result is not None else []
+    prompt_tokens = result.prompt_tokens if result is not None else 0
+    outcome, contributions = settle(
+        request, relay.delivered, prompt_tokens, relay.text, spans, started_at, worker.name,
+        result.finish_reason if result is not None and error is None else None, error, ended_as,
     )
-    async def run_inference(request: InferenceRequested) -> None:
-        loop = asyncio.get_running_loop()
-        started_at, t0 = _now(), loop.time()
-        relay = TokenRelay(broker, request, loop, cancellations)
-        error: str | None = None
-        ended_as: FailReason = "error"
-        result: Generated | None = None
-        try:
-            if (reason := cancellations.reason(request.request_id)) is not None:
-                raise RequestCancelled(f"cancelled before it started: {reason}")
-            if request.deadline is not None and started_at > request.deadline:
-                raise RequestExpired(f"picked up {(started_at - request.deadline).total_seconds():.1f} s after "
-                                     "its deadline; not run")
-            if request.model != model:
-                raise ValueError(f"this worker serves model {model!r}, not {request.model!r}")
-            result = await asyncio.to_thread(generator.generate_stream, request.prompt, request.max_tokens,
-                                             relay.on_token, sampling=request.sampling, seed_key=request.request_id)
-        except Exception as exc:  # the generation broke: settle what was delivered, nothing more
-            error = f"{type(exc).__name__}: {exc}"
-            result = getattr(exc, "partial", None)
-            if isinstance(exc, RequestExpired):
-                ended_as = "expired"
-            elif isinstance(exc, RequestCancelled) or isinstance(exc.__cause__, RequestCancelled):
-                ended_as = "cancelled"
-            log.warning("request %s %s: %s", request.request_id, "failed" if ended_as == "error" else ended_as, error)
-        finally:
-            await relay.close()
+    await messaging.publish_through(worker.outcomes, outcome, request.request_id)
+    for event in contributions:
+        await messaging.publish_through(worker.outcomes, event, request.request_id)
+    ended = StreamEnded(
+        request_id=request.request_id,
+        status=outcome.status,
+        finish_reason=outcome.finish_reason if isinstance(outcome, InferenceCompleted) else "error",
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=relay.delivered, cost_far=outcome.cost_far),
+        error=error,
+    )
+    await messaging.publish_through(worker.replies, ended, request.request_id, topic=request.reply_topic)
 
-        spans = list(result.spans) if result is not None else []
-        prompt_tokens = result.prompt_tokens if result is not None else 0
-        outcome, contributions = settle(
-            request, relay.delivered, prompt_tokens, relay.text, spans, started_at, worker,
-            result.finish_reason if result is not None and error is None else None, error, ended_as,
-        )
-        await messaging.publish(broker, topics.SESSIONS.name, outcome, request.request_id)
-        for event in contributions:
-            await messaging.publish(broker, topics.SESSIONS.name, event, request.request_id)
-        ended = StreamEnded(
-            request_id=request.request_id,
-            status=outcome.status,
-            finish_reason=outcome.finish_reason if isinstance(outcome, InferenceCompleted) else "error",
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=relay.delivered, cost_far=outcome.cost_far),
-            error=error,
-        )
-        await messaging.publish(broker, request.reply_topic, ended, request.request_id)
+    metrics = worker.metrics
+    metrics.sessions.labels(request.model, outcome.status).inc()
+    metrics.tokens.labels(request.model).inc(relay.delivered)
+    metrics.duration.labels(request.model).observe(loop.time() - t0)
+    if relay.first_token_at is not None:
+        metrics.first_token.labels(request.model).observe(relay.first_token_at - t0)
+    for c in outcome.contributions:
+        metrics.node_tokens.labels(c.peer_id).inc(c.tokens_processed)
 
-        metrics.sessions.labels(request.model, outcome.status).inc()
-        metrics.tokens.labels(request.model).inc(relay.delivered)
-        metrics.duration.labels(request.model).observe(loop.time() - t0)
-        if relay.first_token_at is not None:
-            metrics.first_token.labels(request.model).observe(relay.first_token_at - t0)
-        for c in outcome.contributions:
-            metrics.node_tokens.labels(c.peer_id).inc(c.tokens_processed)
+
+class InferenceRouter(KafkaRouter):
+    """The group: its subscribers, with the worker's concurrency and fetch wait, and its declared publishers."""
+
+    def __init__(self, *, concurrency: int = 1, fetch_wait_ms: int = 3) -> None:
+        super().__init__()
+        self.outcomes = self.publisher(
+            topics.SESSIONS.name, title=f"{topics.SESSIONS.name}:{topics.GROUP_INFERENCE}",
+            schema=Union[InferenceCompleted, InferenceFailed, NodeContribution],
+            description="Each request's outcome, then one node.contribution per (node, block span), keyed by "
+                        "request id",
+        )
+        self.replies = self.publisher(
+            topics.REPLIES.name, title=f"{topics.REPLIES.name}:{topics.GROUP_INFERENCE}",
+            schema=Union[TokenChunk, StreamEnded],
+            description="A request's tokens as they come, then its end with usage, to the request's own "
+                        "reply_topic: farmesh.inference.replies.<gateway id>, one per gateway",
+        )
+        # Sent by the broker's DeadLetterMiddleware (farmesh/kafka/messaging.py), which also counts them; declared
+        # so the group's contract names them and tests can watch them (.mock).
+        self.dead_letters = self.publisher(
+            topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_INFERENCE}", schema=DeadLetter,
+            description="Requests and cancellations that do not validate against their schema",
+        )
+        # No consumer group: every worker hears every cancellation and stops the request if it runs it.
+        # Fetch waits: a request must start at once (fetch_wait_ms, see Settings.latency_fetch_wait_ms); a
+        # cancellation within one token (tens of ms), so 10 ms spares the CPU an idle dev-broker consumer burns.
+        self.subscriber(
+            topics.CONTROL.name, auto_offset_reset="latest", fetch_max_wait_ms=max(fetch_wait_ms, 10),
+            title="worker-control", description="Cancellations: stop a request whose client went away",
+        )(on_cancel)
+        self.subscriber(
+            topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=fetch_wait_ms,
+            max_workers=concurrency, title="inference", description="Runs a generation request on the Petals swarm",
+        )(run_inference)
+
+
+router = InferenceRouter()  # the group as declared by default (the AsyncAPI document); register() makes its own
+
+
+def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
+             worker_name: str | None = None, concurrency: int = 1, fetch_wait_ms: int = 3) -> InferenceRouter:
+    """The group on `broker`: a router of its own included, its `Worker` in the broker's context."""
+    group = InferenceRouter(concurrency=concurrency, fetch_wait_ms=fetch_wait_ms)
+    broker.context.set_global(WORKER, Worker(generator, model, worker_name or default_source(), Metrics(registry),
+                                             group.outcomes, group.replies))
+    broker.include_router(group)
+    return group

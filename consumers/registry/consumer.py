@@ -9,25 +9,38 @@ The sweep (`Sweeper`) is the registry's clock: every few seconds it looks for li
 heartbeat is older than the timeout and publishes a `node.timed_out` decision for each onto the heartbeat topic,
 keyed by peer id. The decision is applied when consumed, like any event, so the table is a pure function of
 the topic: replaying it from the beginning (a new group on an empty database) rebuilds the same rows.
+
+The group is a FastStream `KafkaRouter` (`RegistryRouter`): its subscriber and the publishers it declares for what
+it emits (the sweep's decisions, dead letters). The handler is a plain function; what it needs (its `NodeStore`
+port, the skew bound, the metrics) is a `Registry` that `register()` puts in the broker's context, where the
+handler's `Context(REGISTRY)` parameter finds it, so the unit tests bind an in-memory store instead. A router
+belongs to one broker and its subscriber's topic and group are fixed when declared, so `register()` declares one
+per broker (a test gives each run its own topic and group); the module's `router` is the group as declared by
+default, which the AsyncAPI document (consumers/asyncapi.py) describes.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream import Context
+from faststream.kafka import KafkaBroker, KafkaMessage, KafkaRouter
+from faststream.kafka.publisher import DefaultPublisher
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from consumers.registry import repository, rules
+from consumers.registry import rules
+from consumers.registry.ports import NodeStore
+from consumers.registry.repository import PostgresNodes
 from farmesh.kafka import messaging
 from farmesh.swarm.identity import SignatureError, verify_payload
 from schemas import topics
-from schemas.events import NodeHeartbeat, NodeTimedOut, node_event_adapter
+from schemas.events import DeadLetter, NodeHeartbeat, NodeTimedOut, node_event_adapter
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +94,7 @@ def check_record(record: Any) -> NodeHeartbeat | NodeTimedOut:
     return event
 
 
-async def apply_records(pool: asyncpg.Pool, records: list[Any], max_skew: timedelta,
+async def apply_records(store: NodeStore, records: list[Any], max_skew: timedelta,
                         metrics: Metrics | None = None) -> list[tuple[Any, str]]:
     """Verify and apply records (Kafka ConsumerRecords) in one transaction; returns the refused ones with why."""
     letters: list[tuple[Any, str]] = []
@@ -95,8 +108,8 @@ async def apply_records(pool: asyncpg.Pool, records: list[Any], max_skew: timede
                 metrics.events.labels("invalid", "rejected").inc()
     changes: list[rules.StateChange] = []
     if checked:
-        async with pool.acquire() as conn, conn.transaction():
-            rows = await repository.lock_rows(conn, (e.peer_id for _, e in checked))
+        async with store.transaction() as tx:
+            rows = await tx.lock(e.peer_id for _, e in checked)
             dirty: dict[str, rules.NodeRow] = {}
             for record, event in checked:
                 meta = rules.RecordMeta(record.partition, record.offset, log_time(record, event.occurred_at))
@@ -116,7 +129,7 @@ async def apply_records(pool: asyncpg.Pool, records: list[Any], max_skew: timede
                     letters.append((record, outcome.reason))
                 elif outcome.kind == "obsolete":
                     log.info("ignored %s of %s: %s", event.type, event.peer_id, outcome.reason)
-            await repository.save(conn, list(dirty.values()), changes)
+            await tx.save(list(dirty.values()), changes)
     for change in changes:
         log.info("node %s: %s -> %s (%s)", change.peer_id, change.from_state, change.to_state, change.reason)
         if metrics:
@@ -124,25 +137,72 @@ async def apply_records(pool: asyncpg.Pool, records: list[Any], max_skew: timede
     return letters
 
 
+REGISTRY = "registry"  # the key of the handler's Registry in its broker's context
+
+
+@dataclass
+class Registry:
+    """The registry group bound to one broker by `register()`: what its handler needs, and the router's publisher
+    of time-out decisions, for the sweep (consumers/registry/sweeper.py)."""
+
+    store: NodeStore
+    max_skew: timedelta
+    metrics: Metrics
+    group_id: str  # the consumer group its dead letters name
+    decisions: DefaultPublisher
+
+
+async def on_node_events(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Context(),
+                         registry: Registry = Context(REGISTRY)) -> None:
+    """Apply a consumer batch of the heartbeat topic; dead-letter what was refused, with why."""
+    records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
+    registry.metrics.batch.observe(len(records))
+    letters = await apply_records(registry.store, list(records), registry.max_skew, registry.metrics)
+    for record, reason in letters:  # after the commit: a failed write redelivers the batch, not the letters
+        await messaging.send_dead_letter(broker, registry.group_id, record, reason)
+
+
+class RegistryRouter(KafkaRouter):
+    """The group: its subscriber on the heartbeat topic and its declared publishers."""
+
+    def __init__(self, *, group_id: str = topics.GROUP_REGISTRY, topic: str = topics.HEARTBEATS.name,
+                 max_records: int = 500) -> None:
+        super().__init__()
+        self.decisions = self.publisher(
+            topic, title=f"{topic}:{topics.GROUP_REGISTRY}", schema=NodeTimedOut,
+            description="The sweep's node.timed_out decisions, keyed by peer id, applied when consumed like any "
+                        "event (the registry stays a pure function of the topic)",
+        )
+        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them); declared so the group's contract
+        # names them and tests can watch them (.mock).
+        self.dead_letters = self.publisher(
+            topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_REGISTRY}", schema=DeadLetter,
+            description="Heartbeat-topic records refused (malformed, unsigned, badly signed, stale, skewed), with why",
+        )
+        self.subscriber(
+            topic, group_id=group_id, batch=True, max_records=max_records,
+            auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+            title="registry", description="Verifies signed heartbeats and keeps the node registry",
+        )(on_node_events)
+
+
+router = RegistryRouter()  # the group as declared by default (the AsyncAPI document); register() makes its own
+
+
+def bind(broker: KafkaBroker, store: NodeStore, registry: CollectorRegistry, *,
+         group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0, max_records: int = 500,
+         topic: str = topics.HEARTBEATS.name) -> Registry:
+    """The group on `broker`, on any `NodeStore`: a router of its own included, its `Registry` in the context."""
+    group = RegistryRouter(group_id=group_id, topic=topic, max_records=max_records)
+    bound = Registry(store, timedelta(seconds=max_skew), Metrics(registry), group_id, group.decisions)
+    broker.context.set_global(REGISTRY, bound)
+    broker.include_router(group)
+    return bound
+
+
 def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, *,
              group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0, max_records: int = 500,
-             topic: str = topics.HEARTBEATS.name) -> Metrics:
-    """Subscribe the registry to the heartbeat topic; returns its metrics (the sweep adds to them)."""
-    metrics = Metrics(registry)
-    skew = timedelta(seconds=max_skew)
-
-    @broker.subscriber(
-        topic, group_id=group_id, batch=True, max_records=max_records,
-        auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="registry", description="Verifies signed heartbeats and keeps the node registry",
-    )
-    async def on_node_events(_: list[Any], message: KafkaMessage) -> None:
-        records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
-        metrics.batch.observe(len(records))
-        letters = await apply_records(pool, list(records), skew, metrics)
-        for record, reason in letters:  # after the commit: a failed write redelivers the batch, not the letters
-            await messaging.send_dead_letter(broker, group_id, record, reason)
-
-    return metrics
-
-
+             topic: str = topics.HEARTBEATS.name) -> Registry:
+    """The group on `broker`, keeping the registry in `pool`'s database (the service's set-up, and the tests')."""
+    return bind(broker, PostgresNodes(pool), registry, group_id=group_id, max_skew=max_skew,
+                max_records=max_records, topic=topic)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import asyncpg
 
 from consumers.registry.consumer import apply_records
+from consumers.registry.repository import PostgresNodes
 from schemas import topics
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEA
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
     read = refused = 0
     try:
+        await consumer.start()  # in the try: a consumer that failed to start is still stopped (no "Unclosed" noise)
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
             await consumer.topics()
@@ -48,7 +49,7 @@ async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEA
         stop = {tp: (ends[tp] if until is None else min(until.get(tp.partition, 0), ends[tp])) for tp in partitions}
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        skew = timedelta(seconds=max_skew)
+        skew, store = timedelta(seconds=max_skew), PostgresNodes(pool)
         pending = {tp for tp in partitions if stop[tp] > 0}
         for tp in partitions:
             if stop[tp] > 0 and await consumer.position(tp) >= stop[tp]:
@@ -58,7 +59,7 @@ async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEA
             for tp, records in fetched.items():
                 records = [r for r in records if r.offset < stop[tp]]
                 if records:
-                    refused += len(await apply_records(pool, records, skew))
+                    refused += len(await apply_records(store, records, skew))
                     read += len(records)
                 if await consumer.position(tp) >= stop[tp]:
                     pending.discard(tp)

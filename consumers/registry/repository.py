@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -77,3 +78,38 @@ async def snapshot(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[list[dict[s
     changes = [dict(r) for r in await conn.fetch(
         "SELECT peer_id, from_state, to_state, at, event_id, reason FROM far_node_state_changes ORDER BY peer_id, id")]
     return nodes, changes
+
+
+# ------------------------------------------------------------------------------------------------ the port
+
+
+class PostgresNodes:
+    """The registry group's `NodeStore` (consumers/registry/ports.py) on a PostgreSQL pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Rows]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield _Rows(conn)
+
+    async def due_for_timeout(self, seen_before: datetime) -> list[asyncpg.Record]:
+        return await due_for_timeout(self.pool, seen_before)
+
+    async def count_by_state(self) -> dict[str, int]:
+        return {r["state"]: r["n"] for r in await self.pool.fetch(
+            "SELECT state, count(*) AS n FROM far_nodes GROUP BY state")}
+
+
+class _Rows:
+    """`NodeRows` on the connection of an open transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def lock(self, peer_ids: Iterable[str]) -> dict[str, NodeRow]:
+        return await lock_rows(self.conn, peer_ids)
+
+    async def save(self, rows: Sequence[NodeRow], changes: Sequence[StateChange]) -> None:
+        await save(self.conn, rows, changes)

@@ -20,7 +20,7 @@ async def run_registry(settings: Settings, host: str, port: int) -> None:
     from consumers.registry.sweeper import Sweeper
 
     def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
-        metrics = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
-        return [Sweeper(broker, pool, settings.node_timeout, metrics=metrics).run]
+        group = consumer.register(broker, pool, registry, max_skew=settings.heartbeat_max_skew)
+        return [Sweeper(group.decisions, group.store, settings.node_timeout, metrics=group.metrics).run]
 
     await run_database_consumer(settings, host, port, topics.GROUP_REGISTRY, topics.HEARTBEATS.name, register)

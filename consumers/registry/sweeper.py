@@ -1,6 +1,8 @@
 """The registry's clock: publishes a `node.timed_out` decision for each live node silent past the timeout.
 
-The decision is applied when consumed, like any event, so the registry stays a pure function of the topic."""
+The decision is applied when consumed, like any event, so the registry stays a pure function of the topic. It is
+published through the registry router's declared publisher (`Registry.decisions`), onto the topic the group reads.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +11,12 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import asyncpg
-from faststream.kafka import KafkaBroker
+from faststream.kafka.publisher import DefaultPublisher
 
-from consumers.registry import repository
-from consumers.registry.consumer import Metrics, rules
+from consumers.registry import rules
+from consumers.registry.consumer import Metrics
+from consumers.registry.ports import NodeStore
 from farmesh.kafka import messaging
-from schemas import topics
 from schemas.events import NodeTimedOut
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,15 @@ log = logging.getLogger(__name__)
 class Sweeper:
     """Publishes `node.timed_out` for live nodes not heard from for `timeout` seconds."""
 
-    def __init__(self, broker: KafkaBroker, pool: asyncpg.Pool, timeout: float, period: float | None = None,
-                 metrics: Metrics | None = None, topic: str = topics.HEARTBEATS.name) -> None:
-        self.broker, self.pool, self.timeout, self.metrics, self.topic = broker, pool, timeout, metrics, topic
+    def __init__(self, decisions: DefaultPublisher, store: NodeStore, timeout: float, period: float | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.decisions, self.store, self.timeout, self.metrics = decisions, store, timeout, metrics
         self.period = period if period is not None else min(max(timeout / 4, 0.2), 5.0)
         self._published: dict[str, tuple[Any, float]] = {}
 
     async def sweep_once(self, now: datetime | None = None) -> list[NodeTimedOut]:
         now = now or datetime.now(timezone.utc)
-        due = await repository.due_for_timeout(self.pool, now - timedelta(seconds=self.timeout))
+        due = await self.store.due_for_timeout(now - timedelta(seconds=self.timeout))
         published = []
         for row in due:
             peer, heartbeat_id = row["peer_id"], row["last_heartbeat_id"]
@@ -41,14 +42,13 @@ class Sweeper:
                 continue  # decided already; not applied yet
             decision = NodeTimedOut(peer_id=peer, last_heartbeat_id=heartbeat_id, last_seen=row["last_seen"],
                                     timeout_seconds=self.timeout)
-            await messaging.publish(self.broker, self.topic, decision, peer)
+            await messaging.publish_through(self.decisions, decision, peer)
             self._published[peer] = (heartbeat_id, time.monotonic())
             published.append(decision)
             log.info("node %s timed out: last heartbeat entered the log at %s", peer, row["last_seen"].isoformat())
         if self.metrics is not None:
             self.metrics.timeouts_published.inc(len(published))
-            counts = {r["state"]: r["n"] for r in await self.pool.fetch(
-                "SELECT state, count(*) AS n FROM far_nodes GROUP BY state")}
+            counts = await self.store.count_by_state()
             for state in ("unknown", *rules.LIVE_STATES, "offline"):
                 self.metrics.nodes.labels(state).set(counts.get(state, 0))
         return published

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from faststream import BaseMiddleware
 from faststream.kafka import KafkaBroker
+from faststream.kafka.publisher import DefaultPublisher
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
@@ -87,6 +88,15 @@ def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **k
 
 async def publish(broker: KafkaBroker, topic: str, event: Event, key: str) -> None:
     await broker.publish(event, topic, key=key.encode(), headers={topics.EVENT_TYPE_HEADER: event.type})  # type: ignore[attr-defined]
+
+
+async def publish_through(publisher: DefaultPublisher, event: Event, key: str, topic: str = "") -> None:
+    """`publish` through a publisher a router declared (same key, same event-type header).
+
+    `topic`, when given, replaces the publisher's own for this record: FastStream's way to a topic known only at
+    run time (a request's reply topic), the publisher still naming the topic family in the AsyncAPI document.
+    """
+    await publisher.publish(event, topic, key=key.encode(), headers={topics.EVENT_TYPE_HEADER: event.type})  # type: ignore[attr-defined]
 
 
 async def ensure_topics(

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
+from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.sweeper import Sweeper
 from consumers.registry.repository import snapshot
 from db.views.nodes import online_peers
@@ -116,9 +117,9 @@ async def mesh(swarm: Swarm, kafka_bootstrap: str, postgres_admin_url: str) -> A
     group = f"registry-e2e-{uuid.uuid4().hex[:8]}"
     await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_REGISTRY, CollectorRegistry())
-    metrics = registry.register(broker, pool, CollectorRegistry(), group_id=group)
+    bound = registry.register(broker, pool, CollectorRegistry(), group_id=group)
     await broker.start()
-    sweeper = asyncio.create_task(Sweeper(broker, pool, TIMEOUT, period=0.5, metrics=metrics).run())
+    sweeper = asyncio.create_task(Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.5, metrics=bound.metrics).run())
     view = await asyncio.to_thread(SwarmView, swarm.initial_peers, swarm.dht_prefix, 4, 0.5)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=url, model=str(swarm.model_dir),
                         initial_peers=swarm.initial_peers, dht_prefix=swarm.dht_prefix)
@@ -240,14 +241,14 @@ async def test_a_killed_node_goes_offline_and_leaves_a_gap_and_a_replay_does_not
 
 async def test_the_registry_rebuilt_from_the_topic_equals_the_live_one(mesh: Mesh) -> None:
     await mesh.stop_registry()  # its offsets are committed; the remaining node keeps beating meanwhile
-    until = await registry.committed_offsets(mesh.bootstrap, mesh.group)
+    until = await committed_offsets(mesh.bootstrap, mesh.group)
     live = await snapshot(mesh.pool)
     url = await create_database(mesh.admin_url)
     try:
         await migrate(url)
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         try:
-            counts = await registry.rebuild(mesh.bootstrap, pool, until=until)
+            counts = await rebuild(mesh.bootstrap, pool, until=until)
             rebuilt = await snapshot(pool)
         finally:
             await pool.close()

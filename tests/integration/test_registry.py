@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
+from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.sweeper import Sweeper
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
@@ -130,13 +131,13 @@ class Env:
         for node in self.nodes:
             await node.kill()
         await self.caught_up()
-        until = await registry.committed_offsets(self.bootstrap, self.group, self.topic)
+        until = await committed_offsets(self.bootstrap, self.group, self.topic)
         url = await create_database(self.admin_url)
         try:
             await migrate(url)
             pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
             try:
-                counts = await registry.rebuild(self.bootstrap, pool, topic=self.topic, until=until)
+                counts = await rebuild(self.bootstrap, pool, topic=self.topic, until=until)
                 rebuilt = await snapshot(pool)
             finally:
                 await pool.close()
@@ -157,10 +158,10 @@ async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url:
     await migrate(empty_database_url)
     pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_REGISTRY, CollectorRegistry())
-    metrics = registry.register(broker, pool, CollectorRegistry(), group_id=group, topic=topic)
+    bound = registry.register(broker, pool, CollectorRegistry(), group_id=group, topic=topic)
     await broker.start()
     sweeper = asyncio.create_task(
-        Sweeper(broker, pool, TIMEOUT, period=0.2, metrics=metrics, topic=topic).run())
+        Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.2, metrics=bound.metrics).run())
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=empty_database_url, dht_prefix=model,
                         model=str(tiny_model_dir))
 

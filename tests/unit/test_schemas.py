@@ -6,6 +6,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
@@ -53,3 +54,28 @@ def test_asyncapi_document_covers_every_topic_and_event():
     assert doc["asyncapi"].startswith("3.")
     assert set(doc["channels"]) == {t.name for t in topics.ALL}
     assert {c.__name__ for c in EVENT_TYPES} <= set(doc["components"]["schemas"])
+    # Built from the groups' routers: each group's subscriber receives, on its topic's channel.
+    received = {op["title"]: op["channel"]["$ref"] for op in doc["operations"].values() if op["action"] == "receive"}
+    assert received == {"inference": "#/channels/farmesh.inference.requests",
+                        "worker-control": "#/channels/farmesh.inference.control",
+                        "ledger": "#/channels/farmesh.sessions", "payments": "#/channels/farmesh.sessions",
+                        "registry": "#/channels/farmesh.nodes.heartbeats"}
+    sent = {(op["tags"][0]["name"], op["channel"]["$ref"]) for op in doc["operations"].values() if op["action"] == "send"}
+    assert {("inference", "#/channels/farmesh.sessions"), ("inference", "#/channels/farmesh.inference.replies"),
+            ("registry", "#/channels/farmesh.nodes.heartbeats")} <= sent
+    assert doc["channels"][topics.REPLIES.name]["address"] == topics.reply_topic("{gateway_id}")
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if isinstance(node.get("$ref"), str) else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for ref in set(refs(doc)):  # every reference resolves
+        target = doc
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+    assert yaml.safe_load(CliRunner().invoke(cli, ["docs", "asyncapi", "--format", "yaml"]).output) == doc

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import pytest
-from faststream.kafka import TestKafkaBroker
+from faststream.kafka import KafkaBroker, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
 from consumers.inference import consumer as worker
@@ -62,24 +62,27 @@ class FakeGenerator:
         return result
 
 
-def build(generator):
+@dataclass
+class Seen:
+    """What the worker published, read off its router's declared publishers (their mocks hold each body)."""
+
+    sessions: list
+    replies: list
+    dead: list[DeadLetter]
+
+    @classmethod
+    def of(cls, router: worker.InferenceRouter) -> Seen:  # under the test broker: it resets the mocks as it closes
+        def bodies(publisher) -> list:
+            return [c.args[0] for c in publisher.mock.call_args_list]
+
+        return cls([session_event_adapter.validate_python(b) for b in bodies(router.outcomes)],
+                   [reply_event_adapter.validate_python(b) for b in bodies(router.replies)],
+                   [DeadLetter.model_validate(b) for b in bodies(router.dead_letters)])
+
+
+def build(generator) -> tuple[KafkaBroker, worker.InferenceRouter]:
     broker = messaging.create_broker("127.0.0.1:1", "inference", CollectorRegistry())
-    worker.register(broker, generator, MODEL, CollectorRegistry(), worker_name="w1")
-    seen: dict[str, list] = {"sessions": [], "replies": [], "dead": []}
-
-    @broker.subscriber(topics.SESSIONS.name, group_id="t-sessions")
-    async def sessions(body: dict) -> None:
-        seen["sessions"].append(session_event_adapter.validate_python(body))
-
-    @broker.subscriber(topics.REPLIES.name, group_id="t-replies")
-    async def replies(body: dict) -> None:
-        seen["replies"].append(reply_event_adapter.validate_python(body))
-
-    @broker.subscriber(topics.DEAD_LETTER.name, group_id="t-dead")
-    async def dead(body: dict) -> None:
-        seen["dead"].append(DeadLetter.model_validate(body))
-
-    return broker, seen
+    return broker, worker.register(broker, generator, MODEL, CollectorRegistry(), worker_name="w1")
 
 
 def request(**kw) -> InferenceRequested:
@@ -89,14 +92,21 @@ def request(**kw) -> InferenceRequested:
 
 
 async def test_streams_tokens_then_settles_exactly():
-    broker, seen = build(FakeGenerator())
+    broker, router = build(FakeGenerator())
     async with TestKafkaBroker(broker) as br:
         await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
-    chunks = [e for e in seen["replies"] if isinstance(e, TokenChunk)]
+        seen = Seen.of(router)
+        # Keyed by request id, each record naming its event type (a reader skips a type unparsed).
+        await router.outcomes.assert_any_call(key=b"r-1", headers={topics.EVENT_TYPE_HEADER: "inference.completed"})
+        await router.outcomes.assert_called_with(key=b"r-1", headers={topics.EVENT_TYPE_HEADER: "node.contribution"})
+        await router.replies.assert_any_call(key=b"r-1", headers={topics.EVENT_TYPE_HEADER: "inference.token"})
+        await router.replies.assert_called_with(key=b"r-1",
+                                                headers={topics.EVENT_TYPE_HEADER: "inference.stream_ended"})
+    chunks = [e for e in seen.replies if isinstance(e, TokenChunk)]
     assert [c.text for c in chunks] == ["Hel", "lo", "!"]
-    assert isinstance(seen["replies"][-1], StreamEnded)
-    assert seen["replies"][-1].usage.completion_tokens == 3
-    outcome, *contribs = seen["sessions"]
+    assert isinstance(seen.replies[-1], StreamEnded)
+    assert seen.replies[-1].usage.completion_tokens == 3
+    outcome, *contribs = seen.sessions
     assert isinstance(outcome, InferenceCompleted)
     assert outcome.cost_far == Decimal("0.0003")
     assert outcome.completion == "Hello!"
@@ -107,58 +117,63 @@ async def test_streams_tokens_then_settles_exactly():
 
 
 async def test_platform_fee_is_taken_before_the_nodes_split():
-    broker, seen = build(FakeGenerator())
+    broker, router = build(FakeGenerator())
     async with TestKafkaBroker(broker) as br:
         await br.publish(request(platform_fee_rate=Decimal("0.1")), topics.REQUESTS.name, key=b"r-1")
-    outcome = seen["sessions"][0]
+        seen = Seen.of(router)
+    outcome = seen.sessions[0]
     assert outcome.cost_far == Decimal("0.0003") and outcome.platform_fee_far == Decimal("0.00003")
     assert sum(c.earnings_far for c in outcome.contributions) + outcome.platform_fee_far == outcome.cost_far
 
 
 async def test_failure_charges_only_delivered_tokens():
-    broker, seen = build(FakeGenerator(fail_after=1))
+    broker, router = build(FakeGenerator(fail_after=1))
     async with TestKafkaBroker(broker) as br:
         await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
-    outcome = seen["sessions"][0]
+        seen = Seen.of(router)
+    outcome = seen.sessions[0]
     assert isinstance(outcome, InferenceFailed)
     assert outcome.completion_tokens == 1 and outcome.cost_far == Decimal("0.0001")
     assert "node died" in outcome.error
-    assert seen["replies"][-1].status == "failed"
+    assert seen.replies[-1].status == "failed"
 
 
 async def test_wrong_model_fails_without_charge():
-    broker, seen = build(FakeGenerator())
+    broker, router = build(FakeGenerator())
     async with TestKafkaBroker(broker) as br:
         await br.publish(request(model="other"), topics.REQUESTS.name, key=b"r-1")
-    outcome = seen["sessions"][0]
+        seen = Seen.of(router)
+    outcome = seen.sessions[0]
     assert isinstance(outcome, InferenceFailed) and outcome.cost_far == 0 and outcome.contributions == []
 
 
 @pytest.mark.parametrize("payload", [b"not json", b'{"request_id": "x"}'])
 async def test_bad_request_goes_to_dead_letter(payload):
-    broker, seen = build(FakeGenerator())
+    broker, router = build(FakeGenerator())
     async with TestKafkaBroker(broker) as br:
         await br.publish(payload, topics.REQUESTS.name, key=b"x")
-    assert seen["sessions"] == [] and len(seen["dead"]) == 1
-    assert seen["dead"][0].original_topic == topics.REQUESTS.name
-    assert seen["dead"][0].payload == payload.decode()
+        seen = Seen.of(router)
+    assert seen.sessions == [] and len(seen.dead) == 1
+    assert seen.dead[0].original_topic == topics.REQUESTS.name
+    assert seen.dead[0].payload == payload.decode()
 
 
 async def test_a_request_cancelled_before_it_runs_is_not_generated_nor_charged():
     from schemas.events import InferenceCancelled
 
     generator = FakeGenerator()
-    broker, seen = build(generator)
+    broker, router = build(generator)
     async with TestKafkaBroker(broker) as br:
         await br.publish(InferenceCancelled(request_id="r-1", reason="the client disconnected"),
                          topics.CONTROL.name, key=b"r-1")
         await br.publish(request(), topics.REQUESTS.name, key=b"r-1")
-    outcome = seen["sessions"][0]
+        seen = Seen.of(router)
+    outcome = seen.sessions[0]
     assert isinstance(outcome, InferenceFailed) and "cancelled" in outcome.error
     assert outcome.completion_tokens == 0 and outcome.cost_far == 0
-    assert [e for e in seen["replies"] if isinstance(e, TokenChunk)] == []
+    assert [e for e in seen.replies if isinstance(e, TokenChunk)] == []
     assert outcome.reason == "cancelled" and outcome.status == "cancelled"
-    assert seen["replies"][-1].status == "cancelled"
+    assert seen.replies[-1].status == "cancelled"
 
 
 async def test_a_request_picked_up_after_its_deadline_is_expired_not_run_nor_charged():
@@ -172,14 +187,15 @@ async def test_a_request_picked_up_after_its_deadline_is_expired_not_run_nor_cha
             calls.append(args)
             return super().generate_stream(*args, **kw)
 
-    broker, seen = build(Recording())
+    broker, router = build(Recording())
     async with TestKafkaBroker(broker) as br:
         late = request(deadline=datetime.now(timezone.utc) - timedelta(seconds=5))
         await br.publish(late, topics.REQUESTS.name, key=b"r-1")
-    outcome = seen["sessions"][0]
+        seen = Seen.of(router)
+    outcome = seen.sessions[0]
     assert isinstance(outcome, InferenceFailed) and outcome.reason == "expired" and outcome.status == "expired"
     assert outcome.completion_tokens == 0 and outcome.cost_far == 0 and outcome.contributions == []
-    assert calls == [] and seen["replies"][-1].status == "expired"
+    assert calls == [] and seen.replies[-1].status == "expired"
 
 
 async def test_sampling_and_the_request_id_reach_the_generator():
@@ -196,9 +212,26 @@ async def test_sampling_and_the_request_id_reach_the_generator():
             return super().generate_stream(prompt, max_new_tokens, on_token)
 
     sampling = Sampling(temperature=0.7, top_p=0.9, top_k=5, seed=11, stop=["\n"])
-    broker, seen = build(Recording())
+    broker, router = build(Recording())
     async with TestKafkaBroker(broker) as br:
         soon = datetime.now(timezone.utc) + timedelta(seconds=60)
         await br.publish(request(sampling=sampling, deadline=soon), topics.REQUESTS.name, key=b"r-1")
+        seen = Seen.of(router)
     assert got == {"sampling": sampling, "seed_key": "r-1"}
-    assert isinstance(seen["sessions"][0], InferenceCompleted)
+    assert isinstance(seen.sessions[0], InferenceCompleted)
+
+
+async def test_replies_go_to_the_reply_topic_the_request_names():
+    """Each gateway reads its own reply topic: the declared `replies` publisher sends to the request's."""
+    broker, router = build(FakeGenerator())
+    own = topics.reply_topic("gw-7")
+
+    @broker.subscriber(own)  # the gateway gw-7
+    async def gateway(body: dict) -> None: ...
+
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(request(reply_topic=own), topics.REQUESTS.name, key=b"r-1")
+        got = [reply_event_adapter.validate_python(c.args[0]) for c in gateway.mock.call_args_list]
+        assert not router.replies.mock.called  # nothing on the family's bare name
+    assert [e.text for e in got if isinstance(e, TokenChunk)] == ["Hel", "lo", "!"]
+    assert isinstance(got[-1], StreamEnded) and got[-1].status == "completed"
