@@ -1,11 +1,11 @@
 """Ledger ingest of contributions vs a raw asyncpg COPY of the same rows.
 
 The ledger side is the consumer's own code path (consumers/ledger/consumer.py `record`): per consumer
-batch of 500 Kafka records, parse them (farmesh.kafka.batches.outcomes_of), check money and accounts
-(acceptance.reasons_for), write sessions, contributions, settlement postings and closed reservations in one
-transaction (consumers.ledger.repository.record_outcomes). The records are the bytes the worker publishes
-(one inference.completed + one node.contribution per node). Then the same records again: idempotent, the
-ledger must not change.
+batch of 500 Kafka records, parse them (farmesh.kafka.batches.outcomes_of), then in one transaction check
+money and accounts (acceptance.reasons_for) and write sessions, contributions, settlement postings and closed
+reservations (consumers.ledger.repository.settle, the adapter of the handler's LedgerStore). The records are
+the bytes the worker publishes (one inference.completed + one node.contribution per node). Then the same
+records again: idempotent, the ledger must not change.
 
 Baseline: exactly the rows the ledger ended up writing (read back from its database: the node accounts,
 far_mesh_sessions, far_session_contributions, far_ledger_transactions, far_ledger_entries) loaded with
@@ -31,9 +31,7 @@ import asyncpg
 
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
 from bench._sessions import PEERS, PRICE, Record, session_events, wire
-from consumers.ledger.repository import record_outcomes
-from db.views.acceptance import acceptance_facts
-from farmesh.billing.acceptance import reasons_for
+from consumers.ledger.repository import settle
 from farmesh.kafka.batches import outcomes_of
 from farmesh.billing import accounts
 from schemas import money
@@ -75,10 +73,10 @@ async def ingest(conn: asyncpg.Connection, records: list[Record]) -> tuple[int, 
     for start in range(0, len(records), BATCH):
         message = SimpleNamespace(raw_message=records[start:start + BATCH])
         _, outcomes, _ = await outcomes_of(None, topics.GROUP_LEDGER, message)
-        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
-        if rejected:
-            raise RuntimeError(f"the ledger rejected bench outcomes: {list(rejected.values())[:3]}")
-        result = await record_outcomes(conn, outcomes)
+        settled = await settle(conn, outcomes)
+        if settled.rejected:
+            raise RuntimeError(f"the ledger rejected bench outcomes: {list(settled.rejected.values())[:3]}")
+        result = settled.recorded
         written += result.contributions
         duplicates += result.duplicates
     return written, duplicates

@@ -4,7 +4,12 @@ Batches of session events are written in one database transaction (sessions, con
 balanced postings that debit the client and credit the nodes and the platform fee, the reservations
 closed); the Kafka offsets are committed only after that commit (a failed write rewinds the batch for
 redelivery). Writes are keyed by event ids, so replaying the topic changes nothing. Outcomes whose money
-does not add up, or that name no client account, are dead-lettered (consumers/ledger/rules.py).
+does not add up, or that name no client account, are dead-lettered (farmesh/billing/acceptance.py).
+
+The group is one FastStream `KafkaRouter`, declared at import: its subscriber on the sessions topic and the
+publisher of what it emits (dead letters). A service includes it into its broker with `bind()`, which puts the
+handler's dependencies (its `LedgerStore` port, its metrics) in that broker's context, where the handler's
+`Context(...)` parameters find them: no closure holds them, so the unit tests bind in-memory fakes instead.
 """
 from __future__ import annotations
 
@@ -12,19 +17,22 @@ import logging
 from typing import Any, Sequence
 
 import asyncpg
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream import Context
+from faststream.kafka import KafkaBroker, KafkaMessage, KafkaRouter
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from consumers.ledger.repository import record_outcomes
-from db.views.acceptance import acceptance_facts
-from farmesh.billing.acceptance import reasons_for
-from farmesh.kafka.batches import outcomes_of
+from consumers.ledger.ports import LedgerStore
+from consumers.ledger.repository import PostgresLedger
 from farmesh.kafka import messaging
+from farmesh.kafka.batches import outcomes_of
 from schemas import topics
-from schemas.events import Contribution
+from schemas.events import Contribution, DeadLetter
 
 log = logging.getLogger(__name__)
+
+MAX_RECORDS = 500  # records per consumer batch: one database transaction each
+STORE, METRICS = "ledger_store", "ledger_metrics"  # the handler's dependencies in its broker's context
 
 
 class Metrics:
@@ -51,28 +59,52 @@ class Metrics:
             self.node_tokens.labels(c.peer_id).inc(c.tokens_processed)
 
 
-def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, max_records: int = 500) -> None:
-    metrics = Metrics(registry)
+router = KafkaRouter()
 
-    @broker.subscriber(
-        topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=max_records,
-        auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="ledger", description="Records finished sessions and their contributions",
-    )
-    async def record(_: list[Any], message: KafkaMessage) -> None:
-        records, outcomes, sources = await outcomes_of(broker, topics.GROUP_LEDGER, message)
-        async with pool.acquire() as conn:
-            rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
-            for i, reason in rejected.items():
-                await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, sources[i], f"not settled: {reason}")
-            result = await record_outcomes(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
-        metrics.batch.observe(len(records))
-        metrics.recorded.inc(result.sessions)
-        metrics.contributions.inc(result.contributions)
-        metrics.duplicates.inc(result.duplicates)
-        metrics.rejected.inc(len(rejected))
-        metrics.settled.labels("settled").inc(result.settled)
-        metrics.settled.labels("released").inc(result.released)
-        metrics.count_node_work(result.credited)
-        if result.duplicates:
-            log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)
+# What the group emits. Dead letters are sent by farmesh.kafka.messaging.send_dead_letter (it counts them in the
+# service's registry), to this topic; declared so the group's contract names it and tests can watch it (.mock).
+dead_letters = router.publisher(
+    topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_LEDGER}",
+    description="Session records the ledger cannot settle, with why",
+)
+
+
+@router.subscriber(
+    topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=MAX_RECORDS,
+    auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+    title="ledger", description="Records finished sessions and their contributions",
+)
+async def record(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Context(),
+                 store: LedgerStore = Context(STORE), metrics: Metrics = Context(METRICS)) -> None:
+    """Settle a consumer batch through the store; dead-letter what it rejected (after the commit: a failed write
+    sends nothing, and the redelivered batch is judged again)."""
+    records, outcomes, sources = await outcomes_of(broker, topics.GROUP_LEDGER, message)
+    settled = await store.settle(outcomes)
+    for i, reason in settled.rejected.items():
+        await messaging.send_dead_letter(broker, topics.GROUP_LEDGER, sources[i], f"not settled: {reason}")
+    result = settled.recorded
+    metrics.batch.observe(len(records))
+    metrics.recorded.inc(result.sessions)
+    metrics.contributions.inc(result.contributions)
+    metrics.duplicates.inc(result.duplicates)
+    metrics.rejected.inc(len(settled.rejected))
+    metrics.settled.labels("settled").inc(result.settled)
+    metrics.settled.labels("released").inc(result.released)
+    metrics.count_node_work(result.credited)
+    if result.duplicates:
+        log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)
+
+
+def bind(broker: KafkaBroker, store: LedgerStore, registry: CollectorRegistry) -> None:
+    """The ledger group on `broker`: its dependencies in the broker's context, its router included.
+
+    The router is the module's: a process serves one ledger broker at a time (including it elsewhere moves it).
+    """
+    broker.context.set_global(STORE, store)
+    broker.context.set_global(METRICS, Metrics(registry))
+    broker.include_router(router)
+
+
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry) -> None:
+    """The ledger group on `broker`, writing to `pool`'s database (the service's set-up, and the tests')."""
+    bind(broker, PostgresLedger(pool), registry)

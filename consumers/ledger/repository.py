@@ -10,17 +10,23 @@ outcome's event id:
 
 and the request's reservation is closed (settled; released when the session failed: only delivered tokens
 are charged). A redelivered or replayed event records and posts nothing.
+
+`PostgresLedger` is the adapter of the handler's port (consumers/ledger/ports.py `LedgerStore`): `settle` judges a
+batch with the acceptance rule on the facts of this database and records the accepted outcomes, in the same
+transaction. `record_outcomes` records without judging (the tests of the writes and the bench use it).
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import asyncpg
 
+from consumers.ledger.ports import Recorded, Settled
+from db.views.acceptance import acceptance_facts
 from farmesh.billing import accounts
+from farmesh.billing.acceptance import reasons_for
 from schemas.events import Contribution, InferenceCompleted, SessionOutcome
 
 # Per batch, the outcomes and their contributions are COPYed into two temporary staging tables (one pair per
@@ -115,17 +121,6 @@ SELECT ARRAY(SELECT event_id FROM s) AS inserted, ARRAY(SELECT txn_id FROM t) AS
 """
 
 
-@dataclass(frozen=True)
-class Recorded:
-    sessions: int
-    contributions: int
-    duplicates: int
-    settled: int = 0
-    released: int = 0
-    # The contributions whose node credit this batch posted (not those of duplicates): for per-node metrics.
-    credited: tuple[Contribution, ...] = ()
-
-
 def _staged_rows(outcomes: Sequence[SessionOutcome]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """The staging rows of the outcomes and of their contributions, in batch order."""
     sessions: list[tuple[Any, ...]] = []
@@ -145,6 +140,28 @@ def _staged_rows(outcomes: Sequence[SessionOutcome]) -> tuple[list[tuple[Any, ..
     return sessions, contributions
 
 
+class PostgresLedger:
+    """The ledger group's `LedgerStore` on a connection pool: one connection and one transaction per batch."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def settle(self, outcomes: Sequence[SessionOutcome]) -> Settled:
+        async with self.pool.acquire() as conn:
+            return await settle(conn, outcomes)
+
+
+async def settle(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Settled:
+    """Judge a batch (money, client account, contribution ids already owned) and record the accepted outcomes, in
+    one transaction: the acceptance facts are read where the writes go, in the round trips a batch takes anyway."""
+    if not outcomes:
+        return Settled(Recorded(0, 0, 0))
+    async with _transaction(conn):
+        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
+        recorded = await _record(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
+    return Settled(recorded, rejected)
+
+
 async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:
     """Record sessions with their contributions, settlements and closed reservations in one transaction.
 
@@ -153,16 +170,23 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOu
     """
     if not outcomes:
         return Recorded(0, 0, 0)
+    async with _transaction(conn):
+        return await _record(conn, outcomes)
+
+
+async def _record(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:
+    """record_outcomes' writes, inside the caller's `_transaction` (its staging tables)."""
+    if not outcomes:
+        return Recorded(0, 0, 0)
     # The same event delivered twice in one batch is staged once (its copies would win together).
     staged = list({(o.event_id, o.request_id): o for o in reversed(outcomes)}.values())[::-1]
     sessions, contributions = _staged_rows(staged)
-    async with _transaction(conn):
-        await conn.copy_records_to_table("far_ledger_stage_sessions", schema_name="pg_temp", records=sessions,
-                                         columns=_SESSION_COLUMNS)
-        if contributions:
-            await conn.copy_records_to_table("far_ledger_stage_contributions", schema_name="pg_temp",
-                                             records=contributions, columns=_CONTRIBUTION_COLUMNS)
-        result = await conn.fetchrow(_RECORD, accounts.PLATFORM_ACCOUNT)
+    await conn.copy_records_to_table("far_ledger_stage_sessions", schema_name="pg_temp", records=sessions,
+                                     columns=_SESSION_COLUMNS)
+    if contributions:
+        await conn.copy_records_to_table("far_ledger_stage_contributions", schema_name="pg_temp",
+                                         records=contributions, columns=_CONTRIBUTION_COLUMNS)
+    result = await conn.fetchrow(_RECORD, accounts.PLATFORM_ACCOUNT)
     inserted, posted = set(result["inserted"]), set(result["posted"])
     winners = [o for o in staged if o.event_id in inserted]
     settled = sum(1 for o in winners if o.event_id in posted and isinstance(o, InferenceCompleted))
@@ -192,5 +216,3 @@ async def _transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
 def _credited(winners: Sequence[SessionOutcome], posted: set[Any]) -> tuple[Contribution, ...]:
     """The contributions of the outcomes whose settlement this batch posted."""
     return tuple(c for o in winners if o.event_id in posted for c in o.contributions)
-
-

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-
 from farmesh.runtime.serving import run_database_consumer
 from farmesh.runtime.settings import Settings
 from schemas import topics
@@ -12,6 +11,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_ledger(settings: Settings, host: str, port: int) -> None:
+    """The ledger group's router on the service's broker, its store on the service's pool (consumer.register);
+    run_database_consumer gives the broker the DatabaseWait middleware first, so it covers the group's subscriber."""
     from consumers.ledger import consumer
 
     await run_database_consumer(settings, host, port, topics.GROUP_LEDGER, topics.SESSIONS.name, consumer.register)

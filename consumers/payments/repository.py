@@ -14,22 +14,27 @@
   item.week <= line.week. So a close reads the open items in one aggregate and writes only its lines.
 - `mark_paid`: records the payout transfer (status paid, tx reference) and posts it to the ledger
   (debit the nodes' accounts, credit the external payouts account).
+
+`PostgresPayments` is the adapter of the group's ports (consumers/payments/ports.py): `PayableStore` for the
+handler (the acceptance rule judged on this database's facts, and the payable work recorded, in one transaction)
+and `WeeklyBatches` for the scheduled close.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Sequence
 
 import asyncpg
 
-from farmesh.billing import accounts
-
-from farmesh.runtime.errors import Refused
+from consumers.payments.ports import Closed, Payable, Recorded
+from db.views.acceptance import acceptance_facts
 from db.views.payments import ITEMS_HIGH_WATER
+from farmesh.billing import accounts
+from farmesh.billing.acceptance import reasons_for
+from farmesh.runtime.errors import Refused
 from schemas import money
 from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
 
@@ -85,15 +90,37 @@ ON CONFLICT (contribution_id) DO NOTHING
 """
 
 
-@dataclass(frozen=True)
-class Recorded:
-    sessions: int
-    items: int
-    duplicates: int
-
-
 def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows)] if rows else []
+
+
+class PostgresPayments:
+    """The payments group's `PayableStore` and `WeeklyBatches` on a connection pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def record_payable(self, outcomes: Sequence[SessionOutcome]) -> Payable:
+        async with self.pool.acquire() as conn:
+            return await judge_and_record(conn, outcomes)
+
+    async def last_closed(self) -> str | None:
+        return await self.pool.fetchval("SELECT max(week) FROM far_payment_weeks")
+
+    async def close(self, week: str, min_payout: int, *, now: datetime | None = None) -> Closed:
+        async with self.pool.acquire() as conn:
+            return await close_week(conn, week, min_payout, now=now)
+
+
+async def judge_and_record(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Payable:
+    """Judge a batch with the ledger's rule (money, client account, contribution ids already owned) and record the
+    payable work of the accepted outcomes, in one transaction: the facts judged on are those written next to."""
+    if not outcomes:
+        return Payable(Recorded(0, 0, 0))
+    async with conn.transaction():
+        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id"))
+        recorded = await _record(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
+    return Payable(recorded, rejected)
 
 
 async def record_payable(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:
@@ -101,26 +128,24 @@ async def record_payable(conn: asyncpg.Connection, outcomes: Sequence[SessionOut
     if not outcomes:
         return Recorded(0, 0, 0)
     async with conn.transaction():
-        inserted = {r["event_id"] for r in await conn.fetch(
-            _INSERT_SESSIONS, *_columns([(o.request_id, o.event_id) for o in outcomes]))}
-        # The work is dated like the ledger dates it (far_session_contributions.occurred_at = finished_at).
-        winners = {o.event_id: o for o in outcomes if o.event_id in inserted}.values()  # one per event id
-        items = [(c.contribution_id, o.request_id, c.peer_id, c.earnings_far, o.finished_at, iso_week(o.finished_at))
-                 for o in winners for c in o.contributions]
-        status = await conn.execute(_INSERT_ITEMS, *_columns(items)) if items else "INSERT 0 0"
+        return await _record(conn, outcomes)
+
+
+async def _record(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:
+    """record_payable's writes, inside the caller's transaction."""
+    if not outcomes:
+        return Recorded(0, 0, 0)
+    inserted = {r["event_id"] for r in await conn.fetch(
+        _INSERT_SESSIONS, *_columns([(o.request_id, o.event_id) for o in outcomes]))}
+    # The work is dated like the ledger dates it (far_session_contributions.occurred_at = finished_at).
+    winners = {o.event_id: o for o in outcomes if o.event_id in inserted}.values()  # one per event id
+    items = [(c.contribution_id, o.request_id, c.peer_id, c.earnings_far, o.finished_at, iso_week(o.finished_at))
+             for o in winners for c in o.contributions]
+    status = await conn.execute(_INSERT_ITEMS, *_columns(items)) if items else "INSERT 0 0"
     return Recorded(len(inserted), int(status.split()[-1]), len(outcomes) - len(inserted))
 
 
 # ------------------------------------------------------------------------------------------------ closing
-
-@dataclass
-class Closed:
-    event: PaymentBatchClosed
-    created: bool  # False: the week was already closed, this is the same batch
-    carried: list[tuple[str, Decimal, int]] = field(default_factory=list)     # wallet, amount, items
-    no_wallet: list[tuple[str, Decimal, int]] = field(default_factory=list)   # peer_id, amount, items
-    seconds: float = 0.0
-
 
 async def _closed_event(conn: asyncpg.Connection, week: str) -> PaymentBatchClosed | None:
     head = await conn.fetchrow("SELECT * FROM far_payment_weeks WHERE week = $1", week)

@@ -12,6 +12,10 @@ Metrics (on the service's /metrics; `farmesh payments close --metrics-textfile` 
 `farmesh_payments_batch_lines_total`, `farmesh_payments_last_closed_week_end_timestamp_seconds` (when the
 last closed week ended: `time() - it` above 7 days + grace means a close is overdue) and
 `farmesh_payments_batch_close_failures_total`.
+
+`WeeklyClose` works on a port, the batches (consumers/payments/ports.py `WeeklyBatches`, PostgreSQL in the
+service), and publishes through the group's declared publisher (consumers/payments/consumer.py `batch_closed`),
+so it is tested without a database, on FastStream's in-memory broker.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 from faststream.kafka import KafkaBroker
+from faststream.kafka.publisher import DefaultPublisher
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.payments import repository
+from consumers.payments.ports import Closed, WeeklyBatches
 from consumers.payments.repository import iso_week, next_week, week_start
 from farmesh.kafka import messaging
 from schemas import topics
@@ -67,7 +73,7 @@ class CloseMetrics:
         self.failures = Counter("farmesh_payments_batch_close_failures_total", "Scheduled closes that failed",
                                 registry=registry)
 
-    def closed(self, closed: repository.Closed) -> None:
+    def closed(self, closed: Closed) -> None:
         if closed.created:  # a close that found the batch already there did no work
             self.duration.observe(closed.seconds)
             self.lines.inc(len(closed.event.lines))
@@ -79,8 +85,9 @@ class CloseMetrics:
 
 
 async def close_and_publish(conn: asyncpg.Connection, broker: KafkaBroker, week: str, min_payout: int, *,
-                            now: datetime | None = None) -> repository.Closed:
-    """Close `week` (idempotent), then publish its `payments.batch_closed`.
+                            now: datetime | None = None) -> Closed:
+    """Close `week` (idempotent), then publish its `payments.batch_closed`: `farmesh payments close`, a process
+    of its own with a broker that serves no group.
 
     After the database commit: at least once (closing again republishes the same event id).
     """
@@ -90,29 +97,33 @@ async def close_and_publish(conn: asyncpg.Connection, broker: KafkaBroker, week:
 
 
 class WeeklyClose:
-    """Closes every due week, on the payments service's broker and pool."""
+    """Closes every due week through `batches`, and publishes each closed batch (keyed by its week) through
+    `publisher`: in the service, PostgreSQL and the group's declared `batch_closed`, on the group's broker.
 
-    def __init__(self, broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, *, grace: float,
-                 min_payout: int, period: float = 60.0) -> None:
-        self.broker, self.pool = broker, pool
+    After each close's commit: at least once (closing again republishes the same event id).
+    """
+
+    def __init__(self, batches: WeeklyBatches, publisher: DefaultPublisher, registry: CollectorRegistry, *,
+                 grace: float, min_payout: int, period: float = 60.0) -> None:
+        self.batches, self.publisher = batches, publisher
         self.grace, self.min_payout, self.period = grace, min_payout, period
         self.metrics = CloseMetrics(registry)
 
-    async def close_due(self, now: datetime | None = None) -> list[repository.Closed]:
+    async def close_due(self, now: datetime | None = None) -> list[Closed]:
         """Close the weeks due at `now` (default: the clock), oldest first; returns what each close did."""
         now = now or datetime.now(timezone.utc)
-        async with self.pool.acquire() as conn:
-            last = await conn.fetchval("SELECT max(week) FROM far_payment_weeks")
-            self.metrics.last_closed(last)
-            done = []
-            for week in weeks_due(now, self.grace, last):
-                closed = await close_and_publish(conn, self.broker, week, self.min_payout, now=now)
-                self.metrics.closed(closed)
-                done.append(closed)
-                if closed.created:
-                    e = closed.event
-                    log.info("closed %s: %d line(s), total %s FAR in %.3f s", week, len(e.lines), e.total_far,
-                             closed.seconds)
+        last = await self.batches.last_closed()
+        self.metrics.last_closed(last)
+        done = []
+        for week in weeks_due(now, self.grace, last):
+            closed = await self.batches.close(week, self.min_payout, now=now)
+            await messaging.publish_through(self.publisher, closed.event, week)
+            self.metrics.closed(closed)
+            done.append(closed)
+            if closed.created:
+                e = closed.event
+                log.info("closed %s: %d line(s), total %s FAR in %.3f s", week, len(e.lines), e.total_far,
+                         closed.seconds)
         return done
 
     async def run(self) -> None:

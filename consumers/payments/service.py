@@ -5,6 +5,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry
 
 from farmesh.runtime.serving import run_database_consumer
@@ -15,14 +16,21 @@ log = logging.getLogger(__name__)
 
 
 async def run_payments(settings: Settings, host: str, port: int) -> None:
-    """The payments group, and the weekly batch close on its schedule (consumers/payments/schedule.py)."""
+    """The payments group, and the weekly batch close on its schedule (consumers/payments/schedule.py).
+
+    The group's router goes on the service's broker, its store on the service's pool (consumer.register;
+    run_database_consumer gives the broker the DatabaseWait middleware first, so it covers the group's subscriber);
+    the close publishes through the router's declared `batch_closed` publisher, i.e. on the same broker.
+    """
     from consumers.payments import consumer
+    from consumers.payments.repository import PostgresPayments
     from consumers.payments.schedule import WeeklyClose
 
-    def register(broker, pool: asyncpg.Pool, registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
+    def register(broker: KafkaBroker, pool: asyncpg.Pool,
+                 registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
         consumer.register(broker, pool, registry)
-        closer = WeeklyClose(broker, pool, registry, grace=settings.payments_close_grace,
-                             min_payout=settings.min_payout_base_units)
+        closer = WeeklyClose(PostgresPayments(pool), consumer.batch_closed, registry,
+                             grace=settings.payments_close_grace, min_payout=settings.min_payout_base_units)
         return [closer.run]
 
     await run_database_consumer(settings, host, port, topics.GROUP_PAYMENTS, topics.SESSIONS.name, register)

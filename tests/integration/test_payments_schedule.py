@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.payments import consumer as payments
-from consumers.payments.repository import iso_week, week_start
+from consumers.payments.repository import PostgresPayments, iso_week, week_start
 from consumers.payments.schedule import WeeklyClose
 from farmesh.billing import accounts
 from schemas import money
@@ -60,7 +60,8 @@ async def test_due_weeks_close_in_order_once_and_are_timed(env):
             await wait_caught_up(env.bootstrap, topics.GROUP_PAYMENTS, topics.SESSIONS.name)
 
         registry = CollectorRegistry()
-        closer = WeeklyClose(broker, env.pool, registry, grace=GRACE, min_payout=0)
+        batch_closed = broker.publisher(topics.PAYMENTS.name)  # declared, like the group router's in the service
+        closer = WeeklyClose(PostgresPayments(env.pool), batch_closed, registry, grace=GRACE, min_payout=0)
         # Nothing closed yet: only the latest week that ended GRACE ago, W09 (W10's grace is still running).
         (first,) = await closer.close_due(week_start(W11) + timedelta(seconds=GRACE - 1))
         assert (first.event.week, first.created, first.event.lines) == ("2025-W09", True, [])
@@ -83,7 +84,7 @@ async def test_due_weeks_close_in_order_once_and_are_timed(env):
 
         # A restarted service (fresh metrics) finds its last closed week in the database.
         restarted = CollectorRegistry()
-        assert await WeeklyClose(broker, env.pool, restarted, grace=GRACE, min_payout=0).close_due(
+        assert await WeeklyClose(PostgresPayments(env.pool), batch_closed, restarted, grace=GRACE, min_payout=0).close_due(
             week_start("2025-W13") + timedelta(days=1)) == []
         assert closes(restarted) == (0.0, 0.0, week_start("2025-W13").timestamp())
     finally:
