@@ -6,10 +6,12 @@ closed); the Kafka offsets are committed only after that commit (a failed write 
 redelivery). Writes are keyed by event ids, so replaying the topic changes nothing. Outcomes whose money
 does not add up, or that name no client account, are dead-lettered (farmesh/billing/acceptance.py).
 
-The group is one FastStream `KafkaRouter`, declared at import: its subscriber on the sessions topic and the
-publisher of what it emits (dead letters). A service includes it into its broker with `bind()`, which puts the
-handler's dependencies (its `LedgerStore` port, its metrics) in that broker's context, where the handler's
-`Context(...)` parameters find them: no closure holds them, so the unit tests bind in-memory fakes instead.
+The group is a FastStream `KafkaRouter` (`LedgerRouter`): its subscriber on the sessions topic and the publisher
+it declares for what it emits (dead letters). The handler is a plain function; what it needs (its `LedgerStore`
+port, its metrics) `bind()` puts in the broker's context, where the handler's `Context(...)` parameters find it:
+no closure holds them, so the unit tests bind in-memory fakes instead. A router belongs to one broker, so `bind()`
+includes one of its own per broker and returns it (its publishers are that broker's); the module's `router` is
+the group as declared, which the AsyncAPI document (consumers/asyncapi.py) describes.
 """
 from __future__ import annotations
 
@@ -59,21 +61,6 @@ class Metrics:
             self.node_tokens.labels(c.peer_id).inc(c.tokens_processed)
 
 
-router = KafkaRouter()
-
-# What the group emits. Dead letters are sent by farmesh.kafka.messaging.send_dead_letter (it counts them in the
-# service's registry), to this topic; declared so the group's contract names it and tests can watch it (.mock).
-dead_letters = router.publisher(
-    topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_LEDGER}",
-    description="Session records the ledger cannot settle, with why",
-)
-
-
-@router.subscriber(
-    topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=MAX_RECORDS,
-    auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
-    title="ledger", description="Records finished sessions and their contributions",
-)
 async def record(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Context(),
                  store: LedgerStore = Context(STORE), metrics: Metrics = Context(METRICS)) -> None:
     """Settle a consumer batch through the store; dead-letter what it rejected (after the commit: a failed write
@@ -95,16 +82,37 @@ async def record(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Cont
         log.info("ignored %d outcome(s) of sessions already recorded", result.duplicates)
 
 
-def bind(broker: KafkaBroker, store: LedgerStore, registry: CollectorRegistry) -> None:
-    """The ledger group on `broker`: its dependencies in the broker's context, its router included.
+class LedgerRouter(KafkaRouter):
+    """The group: its subscriber on the sessions topic and its declared publisher."""
 
-    The router is the module's: a process serves one ledger broker at a time (including it elsewhere moves it).
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them in the service's registry); declared
+        # so the group's contract names them and tests can watch them (.mock).
+        self.dead_letters = self.publisher(
+            topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_LEDGER}",
+            description="Session records the ledger cannot settle, with why",
+        )
+        self.subscriber(
+            topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=MAX_RECORDS,
+            auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+            title="ledger", description="Records finished sessions and their contributions",
+        )(record)
+
+
+router = LedgerRouter()  # the group as declared (the AsyncAPI document); bind() includes a router of its own
+
+
+def bind(broker: KafkaBroker, store: LedgerStore, registry: CollectorRegistry) -> LedgerRouter:
+    """The ledger group on `broker`, on any `LedgerStore`: a router of its own included, its dependencies in the
+    broker's context. Returns that router (its publishers are the broker's)."""
+    group = LedgerRouter()
     broker.context.set_global(STORE, store)
     broker.context.set_global(METRICS, Metrics(registry))
-    broker.include_router(router)
+    broker.include_router(group)
+    return group
 
 
-def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry) -> None:
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry) -> LedgerRouter:
     """The ledger group on `broker`, writing to `pool`'s database (the service's set-up, and the tests')."""
-    bind(broker, PostgresLedger(pool), registry)
+    return bind(broker, PostgresLedger(pool), registry)

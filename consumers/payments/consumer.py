@@ -8,11 +8,13 @@ those are also published for a losing rerun of a redelivered request, and are fo
 
 Each consumer batch is written in one database transaction; offsets are committed after that commit.
 
-The group is one FastStream `KafkaRouter`, declared at import: its subscriber on the sessions topic and the
-publishers of what it emits (the weekly `payments.batch_closed`, published by the scheduled close through
-`batch_closed`; dead letters). A service includes it into its broker with `bind()`, which puts the handler's
-dependencies (its `PayableStore` port, its metrics) in that broker's context, where the handler's `Context(...)`
-parameters find them: no closure holds them, so the unit tests bind in-memory fakes instead.
+The group is a FastStream `KafkaRouter` (`PaymentsRouter`): its subscriber on the sessions topic and the
+publishers it declares for what it emits (the weekly `payments.batch_closed`, published by the scheduled close
+through `batch_closed`; dead letters). The handler is a plain function; what it needs (its `PayableStore` port,
+its metrics) `bind()` puts in the broker's context, where the handler's `Context(...)` parameters find it: no
+closure holds them, so the unit tests bind in-memory fakes instead. A router belongs to one broker, so `bind()`
+includes one of its own per broker and returns it (the service's close publishes through its `batch_closed`); the
+module's `router` is the group as declared, which the AsyncAPI document (consumers/asyncapi.py) describes.
 """
 from __future__ import annotations
 
@@ -50,26 +52,6 @@ class Metrics:
                                buckets=(1, 5, 20, 100, 500, 2000), registry=registry)
 
 
-router = KafkaRouter()
-
-# What the group emits. A closed week's batch, keyed by its week (consumers/payments/schedule.py publishes it).
-batch_closed = router.publisher(
-    topics.PAYMENTS.name, schema=PaymentBatchClosed, title=f"{topics.PAYMENTS.name}:{topics.GROUP_PAYMENTS}",
-    description="A closed ISO week's payment batch, one line per wallet, keyed by the week",
-)
-# Dead letters are sent by farmesh.kafka.messaging.send_dead_letter (it counts them in the service's registry), to
-# this topic; declared so the group's contract names it and tests can watch it (.mock).
-dead_letters = router.publisher(
-    topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_PAYMENTS}",
-    description="Session records the payments group will not pay, with why",
-)
-
-
-@router.subscriber(
-    topics.SESSIONS.name, group_id=topics.GROUP_PAYMENTS, batch=True, max_records=MAX_RECORDS,
-    auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
-    title="payments", description="Records the payable work of each session by ISO week",
-)
 async def record(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Context(),
                  store: PayableStore = Context(STORE), metrics: Metrics = Context(METRICS)) -> None:
     """Record a consumer batch's payable work through the store; dead-letter what it rejected (after the commit: a
@@ -86,16 +68,42 @@ async def record(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Cont
     metrics.rejected.inc(len(payable.rejected))
 
 
-def bind(broker: KafkaBroker, store: PayableStore, registry: CollectorRegistry) -> None:
-    """The payments group on `broker`: its dependencies in the broker's context, its router included.
+class PaymentsRouter(KafkaRouter):
+    """The group: its subscriber on the sessions topic and its declared publishers."""
 
-    The router is the module's: a process serves one payments broker at a time (including it elsewhere moves it).
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        # A closed week's batch, keyed by its week (consumers/payments/schedule.py publishes it).
+        self.batch_closed = self.publisher(
+            topics.PAYMENTS.name, schema=PaymentBatchClosed, title=f"{topics.PAYMENTS.name}:{topics.GROUP_PAYMENTS}",
+            description="A closed ISO week's payment batch, one line per wallet, keyed by the week",
+        )
+        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them in the service's registry); declared
+        # so the group's contract names them and tests can watch them (.mock).
+        self.dead_letters = self.publisher(
+            topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_PAYMENTS}",
+            description="Session records the payments group will not pay, with why",
+        )
+        self.subscriber(
+            topics.SESSIONS.name, group_id=topics.GROUP_PAYMENTS, batch=True, max_records=MAX_RECORDS,
+            auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR,
+            title="payments", description="Records the payable work of each session by ISO week",
+        )(record)
+
+
+router = PaymentsRouter()  # the group as declared (the AsyncAPI document); bind() includes a router of its own
+
+
+def bind(broker: KafkaBroker, store: PayableStore, registry: CollectorRegistry) -> PaymentsRouter:
+    """The payments group on `broker`, on any `PayableStore`: a router of its own included, its dependencies in the
+    broker's context. Returns that router (its publishers, `batch_closed` among them, are the broker's)."""
+    group = PaymentsRouter()
     broker.context.set_global(STORE, store)
     broker.context.set_global(METRICS, Metrics(registry))
-    broker.include_router(router)
+    broker.include_router(group)
+    return group
 
 
-def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry) -> None:
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry) -> PaymentsRouter:
     """The payments group on `broker`, recording to `pool`'s database (the service's set-up, and the tests')."""
-    bind(broker, PostgresPayments(pool), registry)
+    return bind(broker, PostgresPayments(pool), registry)

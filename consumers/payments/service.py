@@ -20,7 +20,8 @@ async def run_payments(settings: Settings, host: str, port: int) -> None:
 
     The group's router goes on the service's broker, its store on the service's pool (consumer.register;
     run_database_consumer gives the broker the DatabaseWait middleware first, so it covers the group's subscriber);
-    the close publishes through the router's declared `batch_closed` publisher, i.e. on the same broker.
+    the close publishes through the `batch_closed` publisher of the router register() included, i.e. on the same
+    broker.
     """
     from consumers.payments import consumer
     from consumers.payments.repository import PostgresPayments
@@ -28,8 +29,8 @@ async def run_payments(settings: Settings, host: str, port: int) -> None:
 
     def register(broker: KafkaBroker, pool: asyncpg.Pool,
                  registry: CollectorRegistry) -> list[Callable[[], Awaitable[None]]]:
-        consumer.register(broker, pool, registry)
-        closer = WeeklyClose(PostgresPayments(pool), consumer.batch_closed, registry,
+        group = consumer.register(broker, pool, registry)
+        closer = WeeklyClose(PostgresPayments(pool), group.batch_closed, registry,
                              grace=settings.payments_close_grace, min_payout=settings.min_payout_base_units)
         return [closer.run]
 

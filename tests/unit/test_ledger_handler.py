@@ -1,5 +1,6 @@
 """The ledger group's handler on FastStream's in-memory broker, with an in-memory LedgerStore: what it records,
-what it dead-letters (watched on the router's declared dead-letter publisher), what it counts. No database."""
+what it dead-letters (watched on the declared dead-letter publisher of the router `bind` returned), what it counts.
+No database."""
 from __future__ import annotations
 
 import uuid
@@ -8,7 +9,7 @@ from decimal import Decimal
 from functools import partial
 
 import pytest
-from faststream.kafka import KafkaPublishMessage, TestKafkaBroker
+from faststream.kafka import KafkaBroker, KafkaPublishMessage, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
 from consumers.ledger import consumer as ledger
@@ -23,20 +24,21 @@ CLIENT = uuid.UUID("7b0e1b1e-0000-4000-8000-0000000ed9e1")
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 
 
-def build(store: FakeLedger, registry: CollectorRegistry | None = None, *middlewares):
+def build(store: FakeLedger, registry: CollectorRegistry | None = None,
+          *middlewares) -> tuple[KafkaBroker, ledger.LedgerRouter]:
+    """A broker with the group bound on `store`, and the router `bind` included (its publishers are the broker's)."""
     broker = messaging.create_broker("127.0.0.1:1", topics.GROUP_LEDGER, registry or CollectorRegistry())
     for m in middlewares:
         broker.add_middleware(m)
-    ledger.bind(broker, store, registry or CollectorRegistry())
-    return broker
+    return broker, ledger.bind(broker, store, registry or CollectorRegistry())
 
 
 def session(n: int = 0, tokens: int = 4, **kwargs):
     return outcome(f"ledger-unit-{n}", CLIENT, tokens, T0, i=n, fee=Decimal("0.05"), **kwargs)
 
 
-def letters() -> list[DeadLetter]:
-    return [DeadLetter.model_validate(call.args[0]) for call in ledger.dead_letters.mock.call_args_list]
+def letters(group: ledger.LedgerRouter) -> list[DeadLetter]:
+    return [DeadLetter.model_validate(call.args[0]) for call in group.dead_letters.mock.call_args_list]
 
 
 def counted(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -53,9 +55,10 @@ async def publish(broker, *events) -> None:
 async def test_a_valid_outcome_is_recorded_once():
     store, registry = FakeLedger([CLIENT]), CollectorRegistry()
     good = session()
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
-        ledger.dead_letters.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
     assert store.batches == [[good]] and store.sessions == {good.request_id: good}
     assert counted(registry, "sessions_recorded_total") == 1
     assert counted(registry, "contributions_recorded_total") == len(good.contributions)
@@ -67,10 +70,11 @@ async def test_a_valid_outcome_is_recorded_once():
 async def test_a_redelivered_duplicate_is_not_recorded_twice():
     store, registry = FakeLedger([CLIENT]), CollectorRegistry()
     good, rerun = session(), session(tokens=2)  # rerun: the same request ran again
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await publish(br, good, good)          # delivered twice in one batch
         await publish(br, good, rerun)         # and redelivered, with a rerun of the same request
-        ledger.dead_letters.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
     assert len(store.batches) == 2 and store.sessions == {good.request_id: good}  # the first outcome wins
     assert counted(registry, "sessions_recorded_total") == 1
     assert counted(registry, "duplicate_outcomes_total") == 3
@@ -84,10 +88,11 @@ async def test_a_redelivered_duplicate_is_not_recorded_twice():
 async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_and_not_recorded(tamper, reason):
     store, registry = FakeLedger([CLIENT]), CollectorRegistry()
     bad, good = tamper(session(1)), session(2)
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await publish(br, bad, good)
-        ledger.dead_letters.mock.assert_called_once()
-        (letter,) = letters()
+        group.dead_letters.mock.assert_called_once()
+        (letter,) = letters(group)
     assert letter.reason.startswith(reason) and letter.consumer_group == topics.GROUP_LEDGER
     assert (letter.original_topic, letter.key) == (topics.SESSIONS.name, bad.request_id)
     assert letter.payload == bad.model_dump_json()  # the record as it came
@@ -99,10 +104,11 @@ async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_
 
 async def test_a_record_that_is_no_session_event_is_dead_lettered():
     store = FakeLedger([CLIENT])
-    async with TestKafkaBroker(build(store)) as br:
+    broker, group = build(store)
+    async with TestKafkaBroker(broker) as br:
         await br.publish(b'{"type": "inference.completed", "request_id": 7}', topics.SESSIONS.name, key=b"bad")
-        ledger.dead_letters.mock.assert_called_once()
-        (letter,) = letters()
+        group.dead_letters.mock.assert_called_once()
+        (letter,) = letters(group)
     assert letter.key == "bad" and letter.reason.startswith("invalid session event") and "request_id" in letter.reason
     assert store.batches == [[]] and store.sessions == {}
 
@@ -120,8 +126,9 @@ async def test_a_failed_write_waits_for_the_database_then_rewinds_the_batch():
     store = FakeLedger([CLIENT])
     store.fail = ConnectionResetError("database went away")
     good = session()
-    async with TestKafkaBroker(build(store, None, partial(DatabaseWait, pool=Pool(), max_wait=1.0))) as br:
+    broker, group = build(store, None, partial(DatabaseWait, pool=Pool(), max_wait=1.0))
+    async with TestKafkaBroker(broker) as br:
         with pytest.raises(ConnectionResetError):
             await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
-        ledger.dead_letters.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
     assert probes == ["SELECT 1"] and store.sessions == {}

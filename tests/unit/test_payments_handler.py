@@ -1,6 +1,6 @@
 """The payments group's handler and its weekly close on FastStream's in-memory broker, with in-memory ports: what
-is made payable, what is dead-lettered and what each close publishes (watched on the router's declared
-publishers), what is counted. No database."""
+is made payable, what is dead-lettered and what each close publishes (watched on the declared publishers of the
+router `bind` returned), what is counted. No database."""
 from __future__ import annotations
 
 import uuid
@@ -9,7 +9,7 @@ from decimal import Decimal
 from functools import partial
 
 import pytest
-from faststream.kafka import KafkaPublishMessage, TestKafkaBroker
+from faststream.kafka import KafkaBroker, KafkaPublishMessage, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
 from consumers.payments import consumer as payments
@@ -29,12 +29,13 @@ WALLETS = {ALPHA: "0xA1", BETA: "0xB2"}
 BATCH_CLOSED = {topics.EVENT_TYPE_HEADER: "payments.batch_closed"}
 
 
-def build(store: FakePayments, registry: CollectorRegistry | None = None, *middlewares):
+def build(store: FakePayments, registry: CollectorRegistry | None = None,
+          *middlewares) -> tuple[KafkaBroker, payments.PaymentsRouter]:
+    """A broker with the group bound on `store`, and the router `bind` included (its publishers are the broker's)."""
     broker = messaging.create_broker("127.0.0.1:1", topics.GROUP_PAYMENTS, registry or CollectorRegistry())
     for m in middlewares:
         broker.add_middleware(m)
-    payments.bind(broker, store, registry or CollectorRegistry())
-    return broker
+    return broker, payments.bind(broker, store, registry or CollectorRegistry())
 
 
 def session(n: int = 0, tokens: int = 4, week: str = W10, **kwargs):
@@ -42,8 +43,8 @@ def session(n: int = 0, tokens: int = 4, week: str = W10, **kwargs):
                    peers=[(ALPHA, 0, 2), (BETA, 2, 4)], **kwargs)
 
 
-def letters() -> list[DeadLetter]:
-    return [DeadLetter.model_validate(call.args[0]) for call in payments.dead_letters.mock.call_args_list]
+def letters(group: payments.PaymentsRouter) -> list[DeadLetter]:
+    return [DeadLetter.model_validate(call.args[0]) for call in group.dead_letters.mock.call_args_list]
 
 
 def counted(registry: CollectorRegistry, name: str) -> float | None:
@@ -60,10 +61,11 @@ async def publish(broker, *events) -> None:
 async def test_a_valid_outcome_is_recorded_once():
     store, registry = FakePayments([CLIENT]), CollectorRegistry()
     good = session()
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
-        payments.dead_letters.mock.assert_not_called()
-        payments.batch_closed.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
+        group.batch_closed.mock.assert_not_called()
     assert store.batches == [[good]] and store.sessions == {good.request_id: good}
     assert set(store.items) == {c.contribution_id for c in good.contributions}
     assert (counted(registry, "sessions_recorded_total"), counted(registry, "items_recorded_total")) == (1, 2)
@@ -72,10 +74,11 @@ async def test_a_valid_outcome_is_recorded_once():
 async def test_a_redelivered_duplicate_is_not_recorded_twice():
     store, registry = FakePayments([CLIENT]), CollectorRegistry()
     good, rerun = session(), session(tokens=2)  # rerun: the same request ran again (other contributions)
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await publish(br, good, good)
         await publish(br, good, rerun)
-        payments.dead_letters.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
     assert store.sessions == {good.request_id: good}  # the first outcome wins: the work the ledger credits
     assert set(store.items) == {c.contribution_id for c in good.contributions}
     assert (counted(registry, "sessions_recorded_total"), counted(registry, "duplicate_outcomes_total")) == (1, 3)
@@ -89,10 +92,11 @@ async def test_a_redelivered_duplicate_is_not_recorded_twice():
 async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_and_not_recorded(tamper, reason):
     store, registry = FakePayments([CLIENT]), CollectorRegistry()
     good, bad = session(1), tamper(session(2))
-    async with TestKafkaBroker(build(store, registry)) as br:
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
         await publish(br, good, bad)
-        await payments.dead_letters.assert_called_once_with(key=bad.request_id.encode())
-        (letter,) = letters()
+        await group.dead_letters.assert_called_once_with(key=bad.request_id.encode())
+        (letter,) = letters(group)
     assert letter.reason.startswith(reason) and letter.consumer_group == topics.GROUP_PAYMENTS
     assert letter.original_topic == topics.SESSIONS.name and letter.payload == bad.model_dump_json()
     assert store.sessions == {good.request_id: good}
@@ -102,10 +106,11 @@ async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_
 
 async def test_a_record_that_is_no_session_event_is_dead_lettered():
     store = FakePayments([CLIENT])
-    async with TestKafkaBroker(build(store)) as br:
+    broker, group = build(store)
+    async with TestKafkaBroker(broker) as br:
         await br.publish(b"not json", topics.SESSIONS.name, key=b"bad")
-        await payments.dead_letters.assert_called_once_with(key=b"bad")
-        (letter,) = letters()
+        await group.dead_letters.assert_called_once_with(key=b"bad")
+        (letter,) = letters(group)
     assert letter.reason.startswith("invalid session event") and letter.payload == "not json"
     assert store.batches == [[]] and store.sessions == {}
 
@@ -121,29 +126,31 @@ async def test_a_failed_write_waits_for_the_database_then_rewinds_the_batch():
     store = FakePayments([CLIENT])
     store.fail = ConnectionResetError("database went away")
     good = session()
-    async with TestKafkaBroker(build(store, None, partial(DatabaseWait, pool=Pool(), max_wait=1.0))) as br:
+    broker, group = build(store, None, partial(DatabaseWait, pool=Pool(), max_wait=1.0))
+    async with TestKafkaBroker(broker) as br:
         with pytest.raises(ConnectionResetError):
             await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
-        payments.dead_letters.mock.assert_not_called()
+        group.dead_letters.mock.assert_not_called()
     assert probes == ["SELECT 1"] and store.sessions == {}
 
 
 async def test_the_weekly_close_publishes_each_due_batch_once_in_order_on_the_declared_publisher():
     store, registry = FakePayments([CLIENT], WALLETS), CollectorRegistry()
     w10, w11 = session(1, week=W10), session(2, week=W11)
-    closer = WeeklyClose(store, payments.batch_closed, registry, grace=600.0, min_payout=0)
-    async with TestKafkaBroker(build(store)) as br:
+    broker, group = build(store)
+    closer = WeeklyClose(store, group.batch_closed, registry, grace=600.0, min_payout=0)  # the bound router's
+    async with TestKafkaBroker(broker) as br:
         await publish(br, w10, w11)
         # Down over two weeks: W10 (nothing closed yet: the latest ended week only), then W11 and W12, in order.
         (first,) = await closer.close_due(week_start(W11) + timedelta(seconds=600))
-        await payments.batch_closed.assert_called_once_with(first.event, key=W10.encode(), headers=BATCH_CLOSED)
+        await group.batch_closed.assert_called_once_with(first.event, key=W10.encode(), headers=BATCH_CLOSED)
         assert first.event.total_far == w10.cost_far  # no fee: the nodes earn the whole cost
         done = await closer.close_due(week_start("2025-W13") + timedelta(seconds=600))
         assert [c.event.week for c in done] == [W11, W12] and done[0].event.total_far == w11.cost_far
-        published = [call.args[0]["week"] for call in payments.batch_closed.mock.call_args_list]
+        published = [call.args[0]["week"] for call in group.batch_closed.mock.call_args_list]
         assert published == [W10, W11, W12]
-        await payments.batch_closed.assert_called_with(done[1].event, key=W12.encode(), headers=BATCH_CLOSED)
+        await group.batch_closed.assert_called_with(done[1].event, key=W12.encode(), headers=BATCH_CLOSED)
         # Checked again: nothing is due, nothing is published.
         assert await closer.close_due(week_start("2025-W13") + timedelta(days=3)) == []
-        assert payments.batch_closed.mock.call_count == 3
+        assert group.batch_closed.mock.call_count == 3
     assert registry.get_sample_value("farmesh_payments_batch_lines_total") == 4  # two wallets, two weeks with work
