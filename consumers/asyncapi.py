@@ -90,7 +90,11 @@ def _operations(generated: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for pub in router.publishers:
             group_of[pub.specification.name] = group
     out: dict[str, dict[str, Any]] = {}
-    for key, generated_op in generated["operations"].items():
+    # FastStream keeps a router's publishers in a WeakSet: their order follows memory addresses. Sorted by group,
+    # then receive before send, then title, the document is the same byte for byte on every run.
+    ordered = sorted(generated["operations"].items(),
+                     key=lambda item: (group_of.get(item[0], "~"), item[1]["action"] != "receive", item[0]))
+    for key, generated_op in ordered:
         channel = generated["channels"][_target(generated_op["channel"])[1]]
         topic = by_name[channel["address"]]
         carried = [c.__name__ for c in topic.carries]
