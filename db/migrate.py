@@ -277,7 +277,8 @@ async def status(dsn: str, *, migrations_dir: Path | Traversable | None = None) 
 
 def _dsn(database_url: str | None) -> str:
     if not database_url:
-        raise click.UsageError("no database: pass --database-url or set FARMESH_DATABASE_URL")
+        # A missing setting, like every other command's (one line, exit 1), not a usage error.
+        raise click.ClickException("no database: pass --database-url or set FARMESH_DATABASE_URL")
     return database_url
 
 

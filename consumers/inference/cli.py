@@ -5,7 +5,7 @@ import asyncio
 
 import click
 
-from farmesh.runtime.options import with_settings
+from farmesh.runtime.options import require_initial_peers, with_settings
 from farmesh.runtime.settings import Settings
 
 
@@ -18,6 +18,7 @@ def worker(settings: Settings, metrics_host: str, metrics_port: int) -> None:
 
     With a database it prefers routes through the nodes the registry knows as online.
     """
+    require_initial_peers(settings)
     from consumers.inference.service import run_worker
 
     asyncio.run(run_worker(settings, metrics_host, metrics_port))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -12,11 +13,13 @@ from farmesh.runtime.serving import consumer_app, serve
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
+if TYPE_CHECKING:
+    from consumers.inference.generation import MeshClient
+
 log = logging.getLogger(__name__)
 
 
 async def run_worker(settings: Settings, host: str, port: int) -> None:
-    from consumers.inference import consumer as worker
     from consumers.inference.generation import load_client
 
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
@@ -24,6 +27,15 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
         load_client, settings.model_dir, settings.initial_peers, settings.dht_prefix,
         request_timeout=settings.request_timeout, max_retries=settings.max_retries,
     )
+    try:
+        await _serve_with(client, settings, host, port)
+    finally:
+        client.close()  # its DHT and p2pd handle; left to the garbage collector at exit they fail noisily
+
+
+async def _serve_with(client: MeshClient, settings: Settings, host: str, port: int) -> None:
+    from consumers.inference import consumer as worker
+
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
     worker.register(broker, client, settings.model_name, registry, concurrency=settings.worker_concurrency,

@@ -9,14 +9,13 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import click
 
 from consumers.ledger.audit import run_audit
 from consumers.ledger.replay import SCHEMA, Replayed, replay
 from consumers.ledger.replay_verify import verify
 from consumers.ledger.reports import QUERIES, render, usage
-from farmesh.runtime.options import flags_to_subcommand, parse_time, with_settings
+from farmesh.runtime.options import connection, flags_to_subcommand, parse_time, with_settings
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
@@ -60,11 +59,8 @@ async def _replay(settings: Settings, since: datetime | None, check: bool) -> tu
     state = await replay(url, settings.kafka_bootstrap, since)
     if not check:
         return state, []
-    conn = await asyncpg.connect(url)
-    try:
+    async with connection(settings) as conn:
         return state, await verify(conn, since)
-    finally:
-        await conn.close()
 
 
 @click.command("replay")
@@ -104,11 +100,8 @@ def usage_command(settings: Settings, by: str, since: str | None, until: str | N
     window = (parse_time(since) if since else None, parse_time(until) if until else None)
 
     async def work() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(settings.require_database_url())
-        try:
+        async with connection(settings) as conn:
             return await usage(conn, by, *window)
-        finally:
-            await conn.close()
 
     rows = asyncio.run(work())
     click.echo(render(rows, fmt))

@@ -10,10 +10,10 @@ import asyncpg
 import click
 
 from farmesh.billing import accounts
-
-from schemas import money
-from farmesh.runtime.options import with_settings
+from farmesh.runtime.errors import Refused
+from farmesh.runtime.options import connection, with_settings
 from farmesh.runtime.settings import Settings
+from schemas import money
 
 T = TypeVar("T")
 
@@ -30,11 +30,8 @@ def far_amount(value: str) -> int:
 def run_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Run `work` on one connection to the configured database (failures: farmesh/runtime/errors.py)."""
     async def main() -> T:
-        conn = await asyncpg.connect(settings.require_database_url())
-        try:
+        async with connection(settings) as conn:
             return await work(conn)
-        finally:
-            await conn.close()
 
     return asyncio.run(main())
 
@@ -109,5 +106,14 @@ def credit(settings: Settings, ref: str, amount: str) -> None:
 def release(settings: Settings, request_id: str, reason: str) -> None:
     """Release a request's open reservation (a request that will never run); should its outcome arrive
     after all, the ledger still settles it (charging only what was delivered)."""
-    released = run_db(settings, lambda conn: accounts.release(conn, request_id, reason))
-    click.echo(f"released the reservation of {request_id}" if released else f"{request_id} holds no open reservation")
+    async def work(conn: asyncpg.Connection) -> tuple[bool, str | None]:
+        released = await accounts.release(conn, request_id, reason)
+        return released, None if released else await accounts.reservation_status(conn, request_id)
+
+    released, status = run_db(settings, work)
+    if released:
+        click.echo(f"released the reservation of {request_id}")
+    elif status is None:  # a mistyped id must not look like success
+        raise Refused(f"no reservation for request {request_id!r}")
+    else:
+        click.echo(f"{request_id} holds no open reservation ({status})")

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from consumers.payments import repository
 from farmesh.kafka import messaging
 from schemas import money
-from farmesh.runtime.options import flags_to_subcommand, with_settings
+from farmesh.runtime.options import CONNECT_TIMEOUT, connection, flags_to_subcommand, with_settings
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
@@ -58,7 +58,7 @@ async def _close(settings: Settings, week: str, min_payout: int, textfile: str |
     await messaging.ensure_topics(settings.kafka_bootstrap, [(topics.PAYMENTS.name, settings.topic_partitions)])
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, "payments-close", registry)
-    conn = await asyncpg.connect(settings.require_database_url())
+    conn = await asyncpg.connect(settings.require_database_url(), timeout=CONNECT_TIMEOUT)
     try:
         await broker.connect()
         closed = await close_and_publish(conn, broker, week, min_payout)
@@ -104,11 +104,8 @@ def close(settings: Settings, week: str, min_payout: str | None, metrics_textfil
 def export(settings: Settings, week: str, fmt: str, output: Any) -> None:
     """Export a closed week's batch: one line per wallet, exact FAR amounts."""
     async def work() -> dict[str, Any]:
-        conn = await asyncpg.connect(settings.require_database_url())
-        try:
+        async with connection(settings) as conn:
             return await repository.export_week(conn, week)
-        finally:
-            await conn.close()
 
     batch = asyncio.run(work())
     if fmt == "json":
@@ -130,11 +127,8 @@ def export(settings: Settings, week: str, fmt: str, output: Any) -> None:
 def mark_paid(settings: Settings, batch: str, tx_ref: str) -> None:
     """Mark a batch line (or every line of a closed week) paid; posts the payout to the ledger."""
     async def work() -> list[int]:
-        conn = await asyncpg.connect(settings.require_database_url())
-        try:
+        async with connection(settings) as conn:
             return await repository.mark_paid(conn, batch, tx_ref)
-        finally:
-            await conn.close()
 
     paid = asyncio.run(work())
     click.echo(f"marked paid with {tx_ref}: line(s) {', '.join(map(str, paid))}" if paid else f"already paid with {tx_ref}")

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import click
 
-from farmesh.runtime.options import with_settings
+from farmesh.runtime.options import CONNECT_TIMEOUT, with_settings
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
@@ -33,7 +33,7 @@ async def _rebuild(settings: Settings, database_url: str, until_group: str | Non
     from db.migrate import migrate
 
     await migrate(database_url)
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT)
     try:
         if await pool.fetchval("SELECT count(*) FROM far_nodes"):
             raise click.ClickException("far_nodes is not empty: rebuild into an empty database")

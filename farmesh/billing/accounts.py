@@ -359,3 +359,8 @@ async def release(conn: asyncpg.Connection | asyncpg.Pool, request_id: str, reas
         "UPDATE far_reservations SET status = 'released', closed_at = now(), reason = $2 "
         "WHERE request_id = $1 AND status = 'open'", request_id, reason)
     return status.endswith(" 1")
+
+
+async def reservation_status(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> str | None:
+    """The state of `request_id`'s reservation (open, settled, released); None when it never had one."""
+    return await conn.fetchval("SELECT status FROM far_reservations WHERE request_id = $1", request_id)

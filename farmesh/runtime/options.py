@@ -1,13 +1,24 @@
-"""The command line's shared options: the FARMESH_* settings as flags, and parsing helpers."""
+"""The command line's shared options: the FARMESH_* settings as flags, parsing helpers, and the operator
+commands' database connection."""
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from farmesh.runtime.errors import SettingError
 from farmesh.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    import asyncpg
+
+# Seconds an operator command waits for the database to accept a connection (asyncpg's default is 60): a
+# database that does not answer is reported (farmesh/runtime/errors.py) instead of leaving the operator waiting.
+CONNECT_TIMEOUT = 10.0
 
 
 # Flags shared by the services; each maps onto a Settings field of the same name.
@@ -41,6 +52,14 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorate
 
 
+def require_initial_peers(settings: Settings) -> None:
+    """A swarm client (gateway, worker) starts only with our own DHT to join: Petals would otherwise join the
+    public swarm (farmesh/swarm/petals_compat.py refuses that later, less clearly)."""
+    if not settings.initial_peers:
+        raise SettingError("no initial peers: pass --initial-peers or set FARMESH_INITIAL_PEERS "
+                           "(the multiaddrs of our own DHT bootstrap peers)")
+
+
 def flags_to_subcommand(ctx: click.Context) -> None:
     """For a group that is also a service (`farmesh ledger`, `farmesh payments`): flags given before a
     subcommand (`farmesh payments --database-url URL close ...`) become that subcommand's defaults."""
@@ -58,3 +77,15 @@ def parse_time(value: str) -> datetime:
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO time like 2026-11-23T00:00:00Z") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@contextlib.asynccontextmanager
+async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """One connection to the configured database for an operator command, closed afterwards."""
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.require_database_url(), timeout=CONNECT_TIMEOUT)
+    try:
+        yield conn
+    finally:
+        await conn.close()

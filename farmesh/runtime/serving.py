@@ -26,10 +26,49 @@ from farmesh.runtime.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class _StartupFailure:
+    """The app, keeping the exception its startup (lifespan) failed with, so that `serve` raises it: uvicorn
+    would log its traceback and exit(3), and a database or broker away at start must read as one line
+    (farmesh/runtime/errors.py)."""
+
+    def __init__(self, app) -> None:
+        self.app, self.error = app, None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_quietly(message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}  # the traceback text uvicorn would log
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_quietly)
+        except Exception as exc:
+            self.error = self.error or exc
+            raise
+
+
 async def serve(app, host: str, port: int, name: str) -> None:
-    """Serve until SIGINT/SIGTERM; print `<name> ready url=...` once listening (the supervisor waits for it)."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
+    """Serve until SIGINT/SIGTERM; print `<name> ready url=...` once listening (the supervisor waits for it).
+
+    A failure to start is raised: the app's startup error, else (the port) a RuntimeError. uvicorn's own log
+    lines go through the process's logging (log_config=None), in its format.
+    """
+    watched = _StartupFailure(app)
+    server = uvicorn.Server(uvicorn.Config(watched, host=host, port=port, log_level="warning", lifespan="on",
+                                           log_config=None))
+
+    async def serving() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's exit(3): the startup failed (caught here: asyncio re-raises it from a task)
+            if watched.error is not None:
+                raise watched.error from None
+            raise RuntimeError(f"{name} did not start on {host}:{port} (the log above says why)") from None
+
+    task = asyncio.create_task(serving())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:

@@ -5,7 +5,7 @@ import asyncio
 
 import click
 
-from farmesh.runtime.options import with_settings
+from farmesh.runtime.options import require_initial_peers, with_settings
 from farmesh.runtime.settings import Settings
 
 
@@ -15,6 +15,8 @@ from farmesh.runtime.settings import Settings
 @click.option("--port", type=int, default=None, help="Listen port [FARMESH_GATEWAY_PORT, 8000]")
 def gateway(settings: Settings, host: str | None, port: int | None) -> None:
     """The HTTP gateway (SSE generation, sessions, health, metrics)."""
+    require_initial_peers(settings)
+    settings.require_database_url()  # its accounts and sessions; checked before it joins the swarm
     from producers.gateway.service import run_gateway
 
     settings = settings.model_copy(update={k: v for k, v in (("gateway_host", host), ("gateway_port", port)) if v is not None})
