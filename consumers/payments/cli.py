@@ -5,7 +5,7 @@ import asyncio
 import csv
 import io
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -71,18 +71,41 @@ async def _close(settings: Settings, week: str, min_payout: int, textfile: str |
     return closed
 
 
+def unfinished(week: str, now: datetime) -> str | None:
+    """Why closing `week` at `now` needs --force (it has not ended yet, in UTC), or None when it has ended.
+
+    Only the end of the week counts, not FARMESH_PAYMENTS_CLOSE_GRACE: the grace is how long the service's own
+    schedule waits for work still in flight; an operator who closes an ended week by hand chose not to wait
+    (work recorded after the close is paid by the next batch, never lost). A week still running is different:
+    its batch would pay only part of it and close it for good, so that takes an explicit --force.
+    """
+    from consumers.payments.schedule import week_end
+
+    end = week_end(week)  # refuses what is not an ISO week
+    if end <= now:
+        return None
+    return (f"{week} has not ended yet (it ends {end:%Y-%m-%d %H:%M} UTC): its batch would pay only the work "
+            f"recorded so far and close the week; pass --force to close it anyway")
+
+
 @payments_group.command("close")
 @with_settings("kafka_bootstrap", "database_url")
 @click.option("--week", required=True, metavar="YYYY-Www", help="ISO week (UTC), e.g. 2026-W48")
 @click.option("--min-payout", default=None, metavar="FAR",
               help="Carry wallets owed less than this to the next batch [FARMESH_MIN_PAYOUT, 0]")
 @click.option("--metrics-textfile", default=None, metavar="PATH", help="Write the close's metrics (Prometheus text)")
-def close(settings: Settings, week: str, min_payout: str | None, metrics_textfile: str | None) -> None:
-    """Close WEEK's batch: one line per payout wallet; idempotent; publishes payments.batch_closed."""
+@click.option("--force", is_flag=True, help="Close a week that has not ended yet (UTC)")
+def close(settings: Settings, week: str, min_payout: str | None, metrics_textfile: str | None, force: bool) -> None:
+    """Close WEEK's batch: one line per payout wallet; idempotent; publishes payments.batch_closed.
+
+    A week that has not ended yet (UTC) is refused without --force; an ended one closes at once, grace or not.
+    """
     try:
         minimum = money.to_base_units(Decimal(min_payout)) if min_payout is not None else settings.min_payout_base_units
     except (ArithmeticError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--min-payout") from None
+    if not force and (why := unfinished(week, datetime.now(timezone.utc))) is not None:
+        raise repository.PaymentsError(why)
     closed = asyncio.run(_close(settings, week, minimum, metrics_textfile))
     e = closed.event
     state = "closed" if closed.created else f"was closed already at {e.closed_at.isoformat(timespec='seconds')}; same batch"

@@ -5,13 +5,14 @@ import csv
 import io
 import json
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
+from consumers.payments.cli import unfinished
 from consumers.payments.repository import iso_week, week_start
 from farmesh.billing import accounts
 from schemas import money
@@ -192,3 +193,44 @@ async def test_mark_paid_posts_the_payout_and_is_idempotent(env, client):
     assert await audit_breaks(env.pool) == []
     audit = await farmesh("ledger", "audit", *db)
     assert audit.exit_code == 0, audit.output
+
+
+def test_a_week_counts_as_ended_at_its_end_not_after_the_grace():
+    """Only the week's end matters to the CLI: FARMESH_PAYMENTS_CLOSE_GRACE delays the service's own close only."""
+    end = week_start(W11)  # W10 ends when W11 starts
+    assert "--force" in unfinished(W10, end - timedelta(microseconds=1))
+    assert "has not ended yet (it ends 2025-03-10 00:00 UTC)" in unfinished(W10, end - timedelta(days=3))
+    assert unfinished(W10, end) is None and unfinished(W10, end + timedelta(seconds=1)) is None
+
+
+# Last in this module: closing the running week with --force makes it the latest closed week.
+async def test_closing_a_week_that_has_not_ended_needs_force(env, client):
+    db = ["--database-url", env.database_url, "--kafka-bootstrap", env.bootstrap]
+    now = datetime.now(timezone.utc)
+    current = iso_week(now)
+    work = outcome(f"{current}-{uuid.uuid4().hex[:8]}", client.account_id, 6, now - timedelta(seconds=1),
+                   peers=[(ALPHA, 0, 4)])
+    await publish(env, client, work)
+
+    async def batches_published() -> list[str]:  # the weeks of the batch-closed events (partitions: any order)
+        return sorted(PaymentBatchClosed.model_validate_json(v).week
+                      for v in await read_all(env.bootstrap, topics.PAYMENTS.name))
+
+    published = await batches_published()
+
+    refused = await farmesh("payments", "close", "--week", current, *db)
+    assert refused.exit_code != 0
+    assert refused.output.strip().splitlines() == [refused.output.strip()]  # one line
+    assert refused.output.startswith(f"Error: {current} has not ended yet") and "--force" in refused.output
+    # Nothing closed, nothing published.
+    assert await env.pool.fetchval("SELECT count(*) FROM far_payment_weeks WHERE week = $1", current) == 0
+    assert await env.pool.fetchval("SELECT count(*) FROM far_payment_batches WHERE week = $1", current) == 0
+    assert await batches_published() == published and current not in published
+
+    forced = await farmesh("payments", "close", "--week", current, "--force", *db)
+    assert forced.exit_code == 0, forced.output
+    assert f"{current} closed: 1 line(s)" in forced.output
+    lines = await env.pool.fetch("SELECT wallet, amount FROM far_payment_batches WHERE week = $1", current)
+    assert [(r["wallet"], r["amount"]) for r in lines] == [(WALLET_A, work.contributions[0].earnings_far)]
+    assert await batches_published() == sorted([*published, current])
+    assert await audit_breaks(env.pool) == []
