@@ -1,9 +1,14 @@
 """`farmesh up` / `farmesh demo`: the whole mesh on one machine, on embedded defaults.
 
 Started in dependency order, each as its own process group so every one can be stopped by pid:
-Kafka-protocol broker (noida-db, unless FARMESH_KAFKA_BOOTSTRAP is set), PostgreSQL
-(FARMESH_DATABASE_URL, else embedded), migrations and topics, our DHT bootstrap peer, the Petals
-nodes, the ledger, the inference worker and the gateway.  Everything listens on 127.0.0.1.
+PostgreSQL (FARMESH_DATABASE_URL, else embedded), the Kafka-protocol broker (noida-db, unless
+FARMESH_KAFKA_BOOTSTRAP is set), migrations and topics, our DHT bootstrap peer, the ledger, payments and
+registry groups, the Petals nodes, the inference worker and the gateway.  Everything listens on 127.0.0.1.
+
+Stopped in the reverse order: the gateway first (no new requests), the worker, then the nodes leave — all
+signalled at once, each publishes its draining and offline heartbeats — and the mesh waits (bounded) until
+the registry has recorded every one of them offline, so that far_nodes does not show a stopped mesh's nodes
+online; then the registry, payments, ledger, the DHT, the broker and PostgreSQL last.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from farmesh.runtime.settings import Settings
 from farmesh.dev.tiny_model import write_tiny_model
 
 DEMO_CREDIT = 10  # FAR: 1000 requests of 100 tokens at the default price
+# How long stopping waits for the registry to record the leaving nodes offline (it takes about a second).
+NODES_LEAVE_TIMEOUT = 30.0
 
 
 async def _demo_key(database_url: str) -> str:
@@ -53,6 +60,24 @@ async def _request_id_used(database_url: str, request_id: str) -> bool:
         return bool(await conn.fetchval(
             "SELECT 1 FROM far_reservations WHERE request_id = $1 UNION ALL "
             "SELECT 1 FROM far_mesh_sessions WHERE request_id = $1 LIMIT 1", request_id))
+    finally:
+        await conn.close()
+
+
+async def _not_offline(database_url: str, peers: list[str], timeout: float) -> list[str]:
+    """Polls far_nodes until none of `peers` is recorded in a state other than offline, or `timeout` passed;
+    returns those still not offline."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await conn.fetch("SELECT peer_id FROM far_nodes WHERE peer_id = ANY($1::text[]) "
+                                    "AND state <> 'offline' ORDER BY peer_id", peers)
+            if not rows or time.monotonic() > deadline:
+                return [r["peer_id"] for r in rows]
+            await asyncio.sleep(0.2)
     finally:
         await conn.close()
 
@@ -90,6 +115,7 @@ class LocalMesh:
         self.api_key = ""  # a fresh key of the `demo` client account, with credit
         self.children: list[ManagedProcess] = []
         self.node_processes: list[ManagedProcess] = []  # providers: may come and go without stopping the mesh
+        self.registry: ManagedProcess | None = None
 
     def __enter__(self) -> "LocalMesh":
         try:
@@ -116,6 +142,13 @@ class LocalMesh:
     def _start(self) -> None:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
+        if s.database_url:
+            self.database_url = s.database_url
+        else:  # started first, stopped last
+            pg = local_services.start_postgres(self.data_dir / "postgres")
+            self._stack.callback(pg.stop)
+            self.database_url = pg.dsn
+            self._say(f"embedded PostgreSQL at {pg.dsn} (pid {pg.pid})")
         if os.environ.get("FARMESH_KAFKA_BOOTSTRAP"):
             bootstrap = s.kafka_bootstrap
         else:
@@ -123,13 +156,6 @@ class LocalMesh:
             self._stack.callback(broker.stop)
             bootstrap = broker.bootstrap
             self._say(f"embedded Kafka-protocol broker at {bootstrap} (pid {broker.pid})")
-        if s.database_url:
-            self.database_url = s.database_url
-        else:
-            pg = local_services.start_postgres(self.data_dir / "postgres")
-            self._stack.callback(pg.stop)
-            self.database_url = pg.dsn
-            self._say(f"embedded PostgreSQL at {pg.dsn} (pid {pg.pid})")
         applied = asyncio.run(migrate(self.database_url))
         asyncio.run(messaging.ensure_topics(bootstrap, messaging.mesh_topics(s.topic_partitions)))
         self._say(f"database migrated ({len(applied)} applied), topics ready")
@@ -148,16 +174,6 @@ class LocalMesh:
         self._stack.callback(dht.stop)
         self.children.append(dht)
         self._say(f"DHT bootstrap peer {dht.maddr} (pid {dht.pid})")
-        for i, (a, b) in enumerate(_spans(num_blocks_of(str(model_dir)), self.nodes)):
-            # Each node signs heartbeats with its identity key and is paid to its demo wallet.
-            node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], s.dht_prefix, workdir=self.logs,
-                                    identity_path=self.data_dir / f"node{i}.identity", throughput="measure",
-                                    wallet=f"demo-wallet-{i}", kafka_bootstrap=bootstrap,
-                                    heartbeat_interval=s.heartbeat_interval)
-            self._stack.callback(node.stop)
-            self.children.append(node)
-            self.node_processes.append(node)
-            self._say(f"node {node.peer_id} serves blocks {a}:{b}, wallet demo-wallet-{i} (pid {node.pid})")
 
         if self.gateway_port == 0:
             self.gateway_port = local_services.free_port()
@@ -177,14 +193,54 @@ class LocalMesh:
         self._child("ledger", cli + ["ledger", "--metrics-port", str(local_services.free_port())], env, "ledger ready", 60)
         self._child("payments", cli + ["payments", "--metrics-port", str(local_services.free_port())], env,
                     "payments ready", 60)
-        self._child("registry", cli + ["registry", "--metrics-port", str(local_services.free_port())], env,
-                    "registry ready", 60)
+        self.registry = self._child("registry", cli + ["registry", "--metrics-port", str(local_services.free_port())],
+                                    env, "registry ready", 60)
+        # The nodes start after the registry and leave before it (stopping runs in reverse): see _nodes_leave.
+        self._stack.callback(self._nodes_leave)
+        for i, (a, b) in enumerate(_spans(num_blocks_of(str(model_dir)), self.nodes)):
+            # Each node signs heartbeats with its identity key and is paid to its demo wallet.
+            node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], s.dht_prefix, workdir=self.logs,
+                                    identity_path=self.data_dir / f"node{i}.identity", throughput="measure",
+                                    wallet=f"demo-wallet-{i}", kafka_bootstrap=bootstrap,
+                                    heartbeat_interval=s.heartbeat_interval)
+            self.children.append(node)
+            self.node_processes.append(node)
+            self._say(f"node {node.peer_id} serves blocks {a}:{b}, wallet demo-wallet-{i} (pid {node.pid})")
         self._child("worker", cli + ["worker", "--metrics-port", str(local_services.free_port())], env, "worker ready", 120)
         self._child("gateway", cli + ["gateway"], env, "gateway ready", 60)
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         self._write_env_file(bootstrap)
         self._wait_healthy(timeout=90)
         self._wait_registered(timeout=60)
+
+    def _nodes_leave(self) -> None:
+        """Stop the provider nodes, then wait until the registry has recorded them offline.
+
+        Runs before the registry stops (and after the gateway and the worker). Every running node is signalled
+        at once (each sends its draining then offline heartbeat as it shuts down), then each is stopped by pid.
+        A node that had exited already is left to the registry's time-out, as while the mesh runs. The wait
+        polls far_nodes, bounded by NODES_LEAVE_TIMEOUT; past it (a node killed before its heartbeat went out,
+        the broker gone) the mesh says which nodes remain and stops anyway.
+        """
+        leaving = [n for n in self.node_processes if n.process.poll() is None]
+        for node in leaving:
+            node.process.send_signal(signal.SIGTERM)
+        with contextlib.ExitStack() as stopping:  # every node is stopped even if stopping one fails
+            for node in self.node_processes:
+                stopping.callback(node.stop)
+        if not leaving or self.registry is None or self.registry.process.poll() is not None:
+            return
+        peers = [n.peer_id for n in leaving]
+        try:
+            still = asyncio.run(_not_offline(self.database_url, peers, NODES_LEAVE_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001 - stopping goes on whatever the database says
+            self._say(f"could not check the registry for the nodes leaving: {exc!r}")
+            return
+        if still:
+            self._say(f"the registry did not record node(s) {', '.join(still)} offline within "
+                      f"{NODES_LEAVE_TIMEOUT:g} s; stopping it anyway")
+        else:
+            self._say(f"the registry recorded {len(peers)} node(s) offline")
 
     def _wait_registered(self, timeout: float) -> None:
         """Until the registry knows every node online and the model's blocks fully covered."""

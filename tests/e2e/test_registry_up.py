@@ -176,6 +176,62 @@ async def test_up_registers_its_nodes_and_shows_a_killed_one_offline(tmp_path: P
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
+async def test_up_stopped_leaves_its_nodes_offline(tmp_path: Path, empty_database_url: str) -> None:
+    """SIGTERM to `farmesh up` with both nodes online: the nodes leave (draining, then offline heartbeats) and
+    the registry records them before it stops, so far_nodes does not show a stopped mesh's nodes online."""
+    database_url = empty_database_url
+    errors = tmp_path / "up.err"
+    with open(errors, "w") as err:
+        up = subprocess.Popen(  # the default node time-out (20 s): an offline here can only be the heartbeat's
+            [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
+            env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_HEARTBEAT_INTERVAL="1"),
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+        )
+    leftovers: list[int] = []
+    try:
+        line = up.stdout.readline()  # blocks until ready (or exit)
+        assert line.startswith("ready gateway=http://127.0.0.1:"), (line, errors.read_text()[-3000:])
+        peers = set(re.findall(r"node (\S+) serves blocks", errors.read_text()))
+        assert len(peers) == 2
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert {r["peer_id"]: r["state"] for r in await conn.fetch("SELECT peer_id, state FROM far_nodes")} \
+                == {p: "online" for p in peers}
+        finally:
+            await conn.close()
+        stopping = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=90)
+        print(f"\nfarmesh up stopped {time.monotonic() - stopping:.1f} s after SIGTERM")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        child_pids = [int(p) for p in PIDS.findall(errors.read_text())]
+        leftovers = [p for p in child_pids if pid_alive(p)]
+        for pid in leftovers:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log = errors.read_text()
+    assert up.returncode == 0, log[-3000:]
+    assert leftovers == [], f"processes left running: {leftovers}"
+    assert "the registry recorded 2 node(s) offline" in log, log[-3000:]
+    # The database outlives the mesh (an external one here): what the registry recorded before it stopped.
+    conn = await asyncpg.connect(database_url)
+    try:
+        nodes = {r["peer_id"]: r["state"] for r in await conn.fetch("SELECT peer_id, state FROM far_nodes")}
+        changes = await conn.fetch("SELECT peer_id, from_state, to_state, reason FROM far_node_state_changes "
+                                   "ORDER BY id")
+    finally:
+        await conn.close()
+    assert nodes == {p: "offline" for p in peers}
+    for peer in peers:
+        mine = [(c["from_state"], c["to_state"], c["reason"]) for c in changes if c["peer_id"] == peer]
+        assert mine[-2:] == [("online", "draining", "heartbeat"), ("draining", "offline", "heartbeat")], mine
+
+
 async def _wallet(database_url: str, peer_id: str) -> str | None:
     conn = await asyncpg.connect(database_url)
     try:
