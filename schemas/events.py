@@ -289,13 +289,24 @@ class NodeTimedOut(Event):
     Published by the registry's sweep onto the heartbeat topic (so it is ordered with the node's
     heartbeats) and applied like any event: only if ``last_heartbeat_id`` is still the node's latest
     accepted heartbeat. Replaying the topic therefore rebuilds exactly the same registry.
+
+    Signed by the registry (anyone who may produce heartbeats could otherwise take a node offline):
+    ``key_id`` names the registry's Ed25519 key and ``signature`` (base64) covers the canonical JSON of
+    every other field after a domain tag (consumers.registry.decisions.signing_bytes). Decisions that are
+    unsigned or signed by a key the registry does not trust are dead-lettered and change nothing.
     """
 
     type: Literal["node.timed_out"] = "node.timed_out"
+    # v2: signed by the registry (key_id, signature); v1 decisions were unsigned and are refused.
+    schema_version: int = 2
     peer_id: PeerId
     last_heartbeat_id: UUID = Field(description="The latest heartbeat the registry had accepted from the node")
     last_seen: AwareDatetime = Field(description="When that heartbeat entered the log")
     timeout_seconds: float = Field(gt=0, allow_inf_nan=False)
+    key_id: str | None = Field(default=None, max_length=64,
+                               description="Which of the registry's keys signed it (SHA-256 of the public key, 16 hex)")
+    signature: str | None = Field(default=None, max_length=256,
+                                  description="Ed25519 signature (base64) of the registry over signing_bytes")
 
 
 class PaymentLine(BaseModel):

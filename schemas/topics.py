@@ -44,7 +44,7 @@ SESSIONS = Topic(
 )
 HEARTBEATS = Topic(
     "farmesh.nodes.heartbeats", "peer_id", (events.NodeHeartbeat, events.NodeTimedOut),
-    "Signed provider heartbeats and the registry's time-out decisions (one partition order per peer); "
+    "Signed provider heartbeats and the registry's signed time-out decisions (one partition order per peer); "
     "consumer group `registry`.",
 )
 PAYMENTS = Topic(

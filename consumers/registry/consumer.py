@@ -1,14 +1,16 @@
 """Consumer group `registry`: keeps far_nodes and far_node_state_changes from the heartbeat topic.
 
-Each batch is verified record by record (JSON schema, key = peer id, signature by the key behind the peer id),
-then applied in one database transaction with the rows of its peers locked (consumers.registry.rules decides);
-offsets are committed only after that commit. Records that are malformed, unsigned, badly signed, stale or
-skewed go to the dead-letter topic with the reason, after the commit, and change nothing.
+Each batch is verified record by record (JSON schema, key = peer id; a heartbeat's signature by the key behind
+the peer id, a time-out decision's by one of the registry's own keys), then applied in one database transaction
+with the rows of its peers locked (consumers.registry.rules decides); offsets are committed only after that
+commit. Records that are malformed, unsigned, badly signed, stale or skewed go to the dead-letter topic with the
+reason, after the commit, and change nothing.
 
 The sweep (`Sweeper`) is the registry's clock: every few seconds it looks for live nodes whose last accepted
-heartbeat is older than the timeout and publishes a `node.timed_out` decision for each onto the heartbeat topic,
-keyed by peer id. The decision is applied when consumed, like any event, so the table is a pure function of
-the topic: replaying it from the beginning (a new group on an empty database) rebuilds the same rows.
+heartbeat is older than the timeout and publishes a signed `node.timed_out` decision for each onto the heartbeat
+topic, keyed by peer id (consumers/registry/decisions.py: anyone may produce to that topic, only the registry can
+sign). The decision is applied when consumed, like any event, so the table is a pure function of the topic:
+replaying it from the beginning (a new group on an empty database) rebuilds the same rows.
 
 The group is a FastStream `KafkaRouter` (`RegistryRouter`): its subscriber and the publishers it declares for what
 it emits (the sweep's decisions, dead letters). The handler is a plain function; what it needs (its `NodeStore`
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from consumers.registry import rules
+from consumers.registry.decisions import DecisionSignatureError, RegistryKey, TrustedKeys
 from consumers.registry.ports import NodeStore
 from consumers.registry.repository import PostgresNodes
 from farmesh.kafka import messaging
@@ -45,6 +48,7 @@ from schemas.events import DeadLetter, NodeHeartbeat, NodeTimedOut, node_event_a
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SCHEMA_VERSION = 2
+TIMEOUT_SCHEMA_VERSION = 2
 
 
 class Metrics:
@@ -68,8 +72,11 @@ def log_time(record: Any, fallback: datetime) -> datetime:
     return datetime.fromtimestamp(ts / 1000, tz=timezone.utc)
 
 
-def check_record(record: Any) -> NodeHeartbeat | NodeTimedOut:
-    """Parse and authenticate one record; raises ValueError with the reason a record is refused."""
+def check_record(record: Any, trusted: TrustedKeys) -> NodeHeartbeat | NodeTimedOut:
+    """Parse and authenticate one record; raises ValueError with the reason a record is refused.
+
+    A heartbeat must be signed by its node (the key behind its peer id), a time-out decision by one of the
+    registry's `trusted` keys."""
     try:
         payload = json.loads(record.value)
     except (TypeError, ValueError) as exc:
@@ -91,17 +98,26 @@ def check_record(record: Any) -> NodeHeartbeat | NodeTimedOut:
             verify_payload(payload)  # the very object the event was built from
         except SignatureError as exc:
             raise ValueError(f"signature: {exc}") from None
+    else:
+        if event.schema_version != TIMEOUT_SCHEMA_VERSION:
+            raise ValueError(f"unsupported node.timed_out schema_version {event.schema_version} "
+                             f"(this registry reads {TIMEOUT_SCHEMA_VERSION}, signed)")
+        try:
+            trusted.verify(payload)  # the very object the event was built from
+        except DecisionSignatureError as exc:
+            raise ValueError(f"signature: {exc}") from None
     return event
 
 
-async def apply_records(store: NodeStore, records: list[Any], max_skew: timedelta,
+async def apply_records(store: NodeStore, records: list[Any], max_skew: timedelta, trusted: TrustedKeys,
                         metrics: Metrics | None = None) -> list[tuple[Any, str]]:
-    """Verify and apply records (Kafka ConsumerRecords) in one transaction; returns the refused ones with why."""
+    """Verify and apply records (Kafka ConsumerRecords) in one transaction; returns the refused ones with why.
+    Time-out decisions count only when signed by one of the `trusted` keys."""
     letters: list[tuple[Any, str]] = []
     checked: list[tuple[Any, NodeHeartbeat | NodeTimedOut]] = []
     for record in records:
         try:
-            checked.append((record, check_record(record)))
+            checked.append((record, check_record(record, trusted)))
         except ValueError as exc:
             letters.append((record, str(exc)))
             if metrics:
@@ -143,13 +159,15 @@ REGISTRY = "registry"  # the key of the handler's Registry in its broker's conte
 @dataclass
 class Registry:
     """The registry group bound to one broker by `register()`: what its handler needs, and the router's publisher
-    of time-out decisions, for the sweep (consumers/registry/sweeper.py)."""
+    of time-out decisions with the key that signs them, for the sweep (consumers/registry/sweeper.py)."""
 
     store: NodeStore
     max_skew: timedelta
     metrics: Metrics
     group_id: str  # the consumer group its dead letters name
     decisions: DefaultPublisher
+    key: RegistryKey  # signs the sweep's decisions
+    trusted: TrustedKeys  # whose decisions are applied
 
 
 async def on_node_events(_: list[Any], message: KafkaMessage, broker: KafkaBroker = Context(),
@@ -157,7 +175,8 @@ async def on_node_events(_: list[Any], message: KafkaMessage, broker: KafkaBroke
     """Apply a consumer batch of the heartbeat topic; dead-letter what was refused, with why."""
     records = message.raw_message if isinstance(message.raw_message, (list, tuple)) else (message.raw_message,)
     registry.metrics.batch.observe(len(records))
-    letters = await apply_records(registry.store, list(records), registry.max_skew, registry.metrics)
+    letters = await apply_records(registry.store, list(records), registry.max_skew, registry.trusted,
+                                  registry.metrics)
     for record, reason in letters:  # after the commit: a failed write redelivers the batch, not the letters
         await messaging.send_dead_letter(broker, registry.group_id, record, reason)
 
@@ -170,14 +189,16 @@ class RegistryRouter(KafkaRouter):
         super().__init__()
         self.decisions = self.publisher(
             topic, title=f"{topic}:{topics.GROUP_REGISTRY}", schema=NodeTimedOut,
-            description="The sweep's node.timed_out decisions, keyed by peer id, applied when consumed like any "
-                        "event (the registry stays a pure function of the topic)",
+            description="The sweep's node.timed_out decisions, keyed by peer id, signed with the registry's "
+                        "Ed25519 key (key_id, signature), applied when consumed like any event (the registry stays "
+                        "a pure function of the topic); unsigned or foreign-signed ones are dead-lettered",
         )
         # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them); declared so the group's contract
         # names them and tests can watch them (.mock).
         self.dead_letters = self.publisher(
             topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_REGISTRY}", schema=DeadLetter,
-            description="Heartbeat-topic records refused (malformed, unsigned, badly signed, stale, skewed), with why",
+            description="Heartbeat-topic records refused (malformed, unsigned, badly signed, stale, skewed; "
+                        "time-out decisions not signed by the registry), with why",
         )
         self.subscriber(
             topic, group_id=group_id, batch=True, max_records=max_records,
@@ -189,20 +210,23 @@ class RegistryRouter(KafkaRouter):
 router = RegistryRouter()  # the group as declared by default (the AsyncAPI document); register() makes its own
 
 
-def bind(broker: KafkaBroker, store: NodeStore, registry: CollectorRegistry, *,
-         group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0, max_records: int = 500,
-         topic: str = topics.HEARTBEATS.name) -> Registry:
-    """The group on `broker`, on any `NodeStore`: a router of its own included, its `Registry` in the context."""
+def bind(broker: KafkaBroker, store: NodeStore, registry: CollectorRegistry, *, key: RegistryKey,
+         trusted: TrustedKeys | None = None, group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0,
+         max_records: int = 500, topic: str = topics.HEARTBEATS.name) -> Registry:
+    """The group on `broker`, on any `NodeStore`: a router of its own included, its `Registry` in the context.
+
+    `key` signs its decisions; `trusted` (default: that key alone) are the keys whose decisions it applies."""
     group = RegistryRouter(group_id=group_id, topic=topic, max_records=max_records)
-    bound = Registry(store, timedelta(seconds=max_skew), Metrics(registry), group_id, group.decisions)
+    bound = Registry(store, timedelta(seconds=max_skew), Metrics(registry), group_id, group.decisions, key,
+                     trusted if trusted is not None else TrustedKeys.of([key.public_key]))
     broker.context.set_global(REGISTRY, bound)
     broker.include_router(group)
     return bound
 
 
-def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, *,
-             group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0, max_records: int = 500,
-             topic: str = topics.HEARTBEATS.name) -> Registry:
+def register(broker: KafkaBroker, pool: asyncpg.Pool, registry: CollectorRegistry, *, key: RegistryKey,
+             trusted: TrustedKeys | None = None, group_id: str = topics.GROUP_REGISTRY, max_skew: float = 60.0,
+             max_records: int = 500, topic: str = topics.HEARTBEATS.name) -> Registry:
     """The group on `broker`, keeping the registry in `pool`'s database (the service's set-up, and the tests')."""
-    return bind(broker, PostgresNodes(pool), registry, group_id=group_id, max_skew=max_skew,
-                max_records=max_records, topic=topic)
+    return bind(broker, PostgresNodes(pool), registry, key=key, trusted=trusted, group_id=group_id,
+                max_skew=max_skew, max_records=max_records, topic=topic)

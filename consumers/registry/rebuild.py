@@ -1,5 +1,6 @@
 """The registry rebuilt from the heartbeat topic alone (`farmesh registry rebuild`): the same rules over the whole
-topic into an empty database, publishing nothing."""
+topic into an empty database, publishing nothing. Time-out decisions are verified with the live registry's keys
+(consumers/registry/decisions.py), so a forged one is refused here exactly as it was live."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from datetime import timedelta
 import asyncpg
 
 from consumers.registry.consumer import apply_records
+from consumers.registry.decisions import TrustedKeys
 from consumers.registry.repository import PostgresNodes
 from schemas import topics
 
@@ -27,13 +29,14 @@ async def committed_offsets(bootstrap: str, group_id: str, topic: str = topics.H
     return {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset >= 0}
 
 
-async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEARTBEATS.name,
+async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, trusted: TrustedKeys, topic: str = topics.HEARTBEATS.name,
                   until: dict[int, int] | None = None, max_skew: float = 60.0, batch: int = 500) -> dict[str, int]:
     """Replay the heartbeat topic from the beginning into `pool`'s (migrated, empty) registry tables.
 
     Reads each partition up to `until` (default: its end now), exactly as the consumer group would have, with
-    the same rules; nothing is published (no time-outs, no dead letters). With `until` = a live group's
-    committed offsets, the result equals that group's table. Returns counts of records read and refused.
+    the same rules; nothing is published (no time-outs, no dead letters). Time-out decisions count only when
+    signed by one of the `trusted` keys (the live registry's). With `until` = a live group's committed offsets,
+    the result equals that group's table. Returns counts of records read and refused.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -59,7 +62,7 @@ async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, topic: str = topics.HEA
             for tp, records in fetched.items():
                 records = [r for r in records if r.offset < stop[tp]]
                 if records:
-                    refused += len(await apply_records(store, records, skew))
+                    refused += len(await apply_records(store, records, skew, trusted))
                     read += len(records)
                 if await consumer.position(tp) >= stop[tp]:
                     pending.discard(tp)

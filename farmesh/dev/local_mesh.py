@@ -115,6 +115,9 @@ class LocalMesh:
         self.api_key = ""  # a fresh key of the `demo` client account, with credit
         self.children: list[ManagedProcess] = []
         self.node_processes: list[ManagedProcess] = []  # providers: may come and go without stopping the mesh
+        # Signs the registry's time-out decisions (`farmesh registry rebuild` verifies with it: see mesh.env).
+        self.registry_key = (settings.registry_key.resolve() if settings.registry_key
+                             else self.data_dir / "registry.key")
         self.registry: ManagedProcess | None = None
 
     def __enter__(self) -> "LocalMesh":
@@ -188,6 +191,8 @@ class LocalMesh:
             "FARMESH_GATEWAY_PORT": str(self.gateway_port),
             "FARMESH_NODE_TIMEOUT": str(s.node_timeout),
             "FARMESH_HEARTBEAT_MAX_SKEW": str(s.heartbeat_max_skew),
+            # The key that signs the registry's time-out decisions: the mesh's own, kept in its data dir.
+            "FARMESH_REGISTRY_KEY": str(self.registry_key),
         }
         cli = [sys.executable, "-m", "farmesh.cli"]
         self._child("ledger", cli + ["ledger", "--metrics-port", str(local_services.free_port())], env, "ledger ready", 60)
@@ -261,7 +266,8 @@ class LocalMesh:
         """<data dir>/mesh.env: where this mesh's broker and database are, for the operator commands
         (`set -a; . .farmesh/mesh.env; set +a; farmesh keys list`, `farmesh ledger audit`, `farmesh replay` ...)."""
         path = self.data_dir / "mesh.env"
-        path.write_text(f"FARMESH_KAFKA_BOOTSTRAP={bootstrap}\nFARMESH_DATABASE_URL={self.database_url}\n")
+        path.write_text(f"FARMESH_KAFKA_BOOTSTRAP={bootstrap}\nFARMESH_DATABASE_URL={self.database_url}\n"
+                        f"FARMESH_REGISTRY_KEY={self.registry_key}\n")
         self._stack.callback(path.unlink, missing_ok=True)
         self._say(f"broker and database of this mesh for the CLI: set -a; . {path}; set +a")
 

@@ -31,6 +31,8 @@ _SETTING_FLAGS = {
     "price_per_token": click.option("--price-per-token", metavar="FAR", help="Price per generated token [FARMESH_PRICE_PER_TOKEN]"),
     "node_timeout": click.option("--node-timeout", metavar="SECONDS", help="A node not heard from this long is offline [FARMESH_NODE_TIMEOUT]"),
     "heartbeat_max_skew": click.option("--heartbeat-max-skew", metavar="SECONDS", help="Refuse heartbeats this far from their log time [FARMESH_HEARTBEAT_MAX_SKEW]"),
+    "registry_key": click.option("--registry-key", metavar="FILE", help="The registry's Ed25519 key (PEM) that signs its time-out decisions; default <data dir>/registry.key [FARMESH_REGISTRY_KEY]"),
+    "registry_public_keys": click.option("--registry-public-keys", metavar="KEYS", help="Pinned registry public keys (base64, comma separated) whose time-out decisions are applied [FARMESH_REGISTRY_PUBLIC_KEYS]"),
 }
 
 

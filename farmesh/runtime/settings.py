@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # whose time is further than heartbeat_max_skew seconds from their log time are refused.
     node_timeout: float = Field(default=20.0, gt=0)
     heartbeat_max_skew: float = Field(default=60.0, gt=0)
+    # The registry's Ed25519 key (PEM file) that signs its time-out decisions; unset: <data_dir>/registry.key,
+    # created on the registry's first start. Only the registry may hold it (consumers/registry/decisions.py).
+    registry_key: Path | None = None
+    # Public keys (base64, comma separated) whose time-out decisions the registry and its rebuild apply; unset:
+    # the public key of registry_key. Pinned, a rebuild elsewhere needs no private key, and a rotated key keeps
+    # the old one's decisions valid.
+    registry_public_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Provider node: payout wallet and seconds between heartbeats (`farmesh node`).
     wallet: str | None = None
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300)
@@ -83,6 +90,13 @@ class Settings(BaseSettings):
     def _split_peers(cls, value: object) -> object:
         if isinstance(value, str):
             return [p.strip() for p in value.replace(",", " ").split() if p.strip()]
+        return value
+
+    @field_validator("registry_public_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.replace(",", " ").split() if k.strip()]
         return value
 
     @field_validator("price_per_token")
@@ -134,6 +148,10 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> str:
         return self.model or str(self.data_dir / "tiny-model")
+
+    @property
+    def registry_key_path(self) -> Path:
+        return self.registry_key or self.data_dir / "registry.key"
 
     @property
     def model_name(self) -> str:

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
+from consumers.registry.decisions import RegistryKey, TrustedKeys
 from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.sweeper import Sweeper
 from consumers.registry.repository import snapshot
@@ -37,7 +38,7 @@ from farmesh.runtime.settings import Settings
 from farmesh.swarm.view import SwarmView
 from producers.gateway.app import create_app
 from schemas import topics
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, NodeTimedOut
 from tests.conftest import create_database, drop_database
 from tests.support.swarm import wallet_of
 from tests.support.kafka import read_all, wait_caught_up
@@ -72,6 +73,7 @@ class Mesh:
     broker: Any
     sweeper: asyncio.Task
     admin_url: str
+    key: RegistryKey  # signs the registry's time-out decisions; only those it signed are applied
     stopped: bool = False
 
     async def swarm_health(self) -> dict[str, Any]:
@@ -110,16 +112,19 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-async def mesh(swarm: Swarm, kafka_bootstrap: str, postgres_admin_url: str) -> AsyncIterator[Mesh]:
+async def mesh(swarm: Swarm, kafka_bootstrap: str, postgres_admin_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    key = RegistryKey.create(tmp_path_factory.mktemp("registry") / "registry.key")
     url = await create_database(postgres_admin_url)
     await migrate(url)
     pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
     group = f"registry-e2e-{uuid.uuid4().hex[:8]}"
     await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_REGISTRY, CollectorRegistry())
-    bound = registry.register(broker, pool, CollectorRegistry(), group_id=group)
+    bound = registry.register(broker, pool, CollectorRegistry(), key=key, group_id=group)
     await broker.start()
-    sweeper = asyncio.create_task(Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.5, metrics=bound.metrics).run())
+    sweeper = asyncio.create_task(Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.5, metrics=bound.metrics,
+                                          key=key).run())
     view = await asyncio.to_thread(SwarmView, swarm.initial_peers, swarm.dht_prefix, 4, 0.5)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=url, model=str(swarm.model_dir),
                         initial_peers=swarm.initial_peers, dht_prefix=swarm.dht_prefix)
@@ -128,7 +133,7 @@ async def mesh(swarm: Swarm, kafka_bootstrap: str, postgres_admin_url: str) -> A
     mesh = None
     try:
         async with serve(app) as http_url, httpx.AsyncClient(base_url=http_url, timeout=60) as http:
-            mesh = Mesh(swarm, kafka_bootstrap, group, pool, http, broker, sweeper, postgres_admin_url)
+            mesh = Mesh(swarm, kafka_bootstrap, group, pool, http, broker, sweeper, postgres_admin_url, key)
             yield mesh
     finally:
         if mesh is not None:
@@ -203,14 +208,23 @@ async def test_a_forged_heartbeat_does_not_change_the_wallet(mesh: Mesh, tmp_pat
     borrowed["signature"] = base64.b64encode(attacker.sign(signing_bytes(borrowed))).decode()
     for payload in (own, borrowed):
         await mesh.publish_raw(json.dumps(payload).encode(), victim)
+    # and a time-out decision nobody signed, naming the node's latest heartbeat as the registry's would
+    latest = (await mesh.heartbeats_of(victim))[-1]
+    timed_out = NodeTimedOut(peer_id=victim, last_heartbeat_id=latest["event_id"], last_seen=latest["occurred_at"],
+                             timeout_seconds=TIMEOUT, source="attacker")
+    await mesh.publish_raw(timed_out.model_dump_json().encode(), victim)
 
     letters = await eventually(lambda: _when(mesh.letters(), lambda ls: len(
         [d for d in ls if d.key == victim and "attacker-wallet" in d.payload]) >= 2), "both forgeries dead-lettered")
     reasons = [d.reason for d in letters if d.key == victim and "attacker-wallet" in d.payload]
     assert any("belongs to peer" in r for r in reasons) and any("bad signature" in r for r in reasons)
+    forged = await eventually(lambda: _when(mesh.letters(), lambda ls: [
+        d for d in ls if d.key == victim and str(timed_out.event_id) in d.payload]), "the forged time-out dead-lettered")
+    assert "unsigned time-out decision" in forged[0].reason
     await wait_caught_up(mesh.bootstrap, mesh.group, topics.HEARTBEATS.name, timeout=30)
     node = await mesh.node(victim)
     assert node["wallet"] == wallet_of("0:2") and node["state"] == "online"
+    assert all(h["reason"] == "heartbeat" for h in node["state_history"])  # the forged time-out took nothing offline
 
 
 async def test_a_killed_node_goes_offline_and_leaves_a_gap_and_a_replay_does_not_revive_it(mesh: Mesh) -> None:
@@ -248,7 +262,7 @@ async def test_the_registry_rebuilt_from_the_topic_equals_the_live_one(mesh: Mes
         await migrate(url)
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         try:
-            counts = await rebuild(mesh.bootstrap, pool, until=until)
+            counts = await rebuild(mesh.bootstrap, pool, until=until, trusted=TrustedKeys.of([mesh.key.public_key]))
             rebuilt = await snapshot(pool)
         finally:
             await pool.close()

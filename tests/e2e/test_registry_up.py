@@ -20,13 +20,14 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from consumers.registry.decisions import registry_keys
 from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.repository import snapshot
 from db.migrate import migrate
 from farmesh.swarm.identity import NodeIdentity, signing_bytes
 from farmesh.dev.local_services import pid_alive
 from schemas import topics
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, NodeTimedOut
 from tests.conftest import create_database, drop_database
 from tests.e2e.test_registry_swarm import read_until_now
 from tests.integration.test_discovery_status import CHROMIUM, render
@@ -107,6 +108,20 @@ async def test_up_registers_its_nodes_and_shows_a_killed_one_offline(tmp_path: P
             assert "belongs to peer" in letter.reason and letter.consumer_group == topics.GROUP_REGISTRY
             assert await _wallet(database_url, peer0) == wallet_before == "demo-wallet-0"
 
+            # a forged time-out straight to the topic (unsigned, naming peer0's latest heartbeat): dead-lettered,
+            # peer0 stays online; the mesh's registry signs its own decisions with the key in its data dir
+            key_path = (tmp_path / "data" / "registry.key").resolve()
+            assert key_path.exists() and f"FARMESH_REGISTRY_KEY={key_path}" in (tmp_path / "data" / "mesh.env").read_text()
+            forged_timeout = NodeTimedOut(peer_id=peer0, last_heartbeat_id=genuine["event_id"],
+                                          last_seen=genuine["occurred_at"], timeout_seconds=TIMEOUT, source="attacker")
+            await _publish(bootstrap, forged_timeout.model_dump_json().encode(), peer0)
+            letter = await eventually(lambda: _letter(bootstrap, peer0, str(forged_timeout.event_id)),
+                                      "the forged time-out dead-lettered")
+            assert "unsigned time-out decision" in letter.reason
+            await wait_caught_up(bootstrap, topics.GROUP_REGISTRY, topics.HEARTBEATS.name)
+            node0 = (await http.get(f"/api/nodes/{peer0}")).json()
+            assert node0["state"] == "online" and all(h["reason"] == "heartbeat" for h in node0["state_history"])
+
             # kill a node: offline and a gap within the timeout (bounded wait; the elapsed time is printed)
             os.killpg(pid1, signal.SIGKILL)
             killed = time.monotonic()
@@ -149,7 +164,8 @@ async def test_up_registers_its_nodes_and_shows_a_killed_one_offline(tmp_path: P
             await migrate(rebuilt_url)
             pool = await asyncpg.create_pool(rebuilt_url, min_size=1, max_size=1)
             try:
-                counts = await rebuild(bootstrap, pool, until=until)
+                _, trusted = registry_keys(tmp_path / "data" / "registry.key", [], signing=False)
+                counts = await rebuild(bootstrap, pool, until=until, trusted=trusted)
                 rebuilt = await snapshot(pool)
             finally:
                 await pool.close()

@@ -228,6 +228,11 @@ async def ran(request: pytest.FixtureRequest, kafka_bootstrap: str, database_url
              "model": str(tiny_model_dir), "peer": dht_peer, "silent": str(silent_port)}
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("FARMESH_")}
     base_env.update(HF_HUB_OFFLINE="1", FARMESH_DATA_DIR=str(tmp_path_factory.mktemp("data")))
+    # The registry's key where a live registry would have left it: `registry rebuild` verifies time-out decisions
+    # with it and refuses to start without one (issue 12), so its cases get as far as the database or broker.
+    from consumers.registry.decisions import RegistryKey
+
+    RegistryKey.create(Path(base_env["FARMESH_DATA_DIR"]) / "registry.key")
 
     selected = {item.callspec.params["case"].id for item in request.session.items
                 if hasattr(item, "callspec") and isinstance(item.callspec.params.get("case"), Case)}

@@ -1,7 +1,8 @@
 """The registry consumer group on the real broker and PostgreSQL, fed by the nodes' own heartbeat publisher.
 
-Each test gets its own heartbeat topic, database and consumer group (so nothing else on the shared broker
-interferes) and ends by rebuilding the registry from its topic into a fresh database: it must equal the live one.
+Each test gets its own heartbeat topic, database, consumer group and registry key (so nothing else on the shared
+broker interferes) and ends by rebuilding the registry from its topic into a fresh database: it must equal the live
+one. Time-out decisions count only when the registry signed them: a forged one is dead-lettered, live and rebuilt.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.registry import consumer as registry
+from consumers.registry.decisions import RegistryKey, TrustedKeys
 from consumers.registry.rebuild import committed_offsets, rebuild
 from consumers.registry.sweeper import Sweeper
 from consumers.registry.repository import snapshot
@@ -33,7 +35,7 @@ from producers.node.heartbeat import HeartbeatPublisher, NodeDescription
 from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
-from schemas.events import DeadLetter, DeviceInfo
+from schemas.events import DeadLetter, DeviceInfo, NodeTimedOut
 from tests.conftest import create_database, drop_database
 from tests.support.kafka import read_all, wait_caught_up
 from tests.support.services import serve
@@ -96,7 +98,21 @@ class Env:
     sweeper: asyncio.Task
     tmp: Path
     admin_url: str
+    bound: registry.Registry  # the group as bound to the broker: its store, publisher and key
     nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def key(self) -> RegistryKey:
+        """The registry's key: signs the sweep's decisions."""
+        return self.bound.key
+
+    async def pause_sweep(self) -> None:
+        self.sweeper.cancel()
+        await asyncio.gather(self.sweeper, return_exceptions=True)
+
+    def resume_sweep(self) -> None:
+        self.sweeper = asyncio.create_task(Sweeper(self.bound.decisions, self.bound.store, TIMEOUT, period=0.2,
+                                                   metrics=self.bound.metrics, key=self.key).run())
 
     def node(self, name: str, start: int, end: int, wallet: str) -> Node:
         identity = NodeIdentity.generate(self.tmp / f"{name}.identity")
@@ -137,7 +153,9 @@ class Env:
             await migrate(url)
             pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
             try:
-                counts = await rebuild(self.bootstrap, pool, topic=self.topic, until=until)
+                # verified with the public key alone, as a rebuild elsewhere would (FARMESH_REGISTRY_PUBLIC_KEYS)
+                trusted = TrustedKeys.parse([self.key.public_key_text])
+                counts = await rebuild(self.bootstrap, pool, topic=self.topic, until=until, trusted=trusted)
                 rebuilt = await snapshot(pool)
             finally:
                 await pool.close()
@@ -157,11 +175,12 @@ async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url:
     await messaging.ensure_topics(kafka_bootstrap, [(topic, 3), *messaging.mesh_topics(3)])
     await migrate(empty_database_url)
     pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
+    key = RegistryKey.create(tmp_path / "registry.key")
     broker = messaging.create_broker(kafka_bootstrap, topics.GROUP_REGISTRY, CollectorRegistry())
-    bound = registry.register(broker, pool, CollectorRegistry(), group_id=group, topic=topic)
+    bound = registry.register(broker, pool, CollectorRegistry(), key=key, group_id=group, topic=topic)
     await broker.start()
     sweeper = asyncio.create_task(
-        Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.2, metrics=bound.metrics).run())
+        Sweeper(bound.decisions, bound.store, TIMEOUT, period=0.2, metrics=bound.metrics, key=key).run())
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=empty_database_url, dht_prefix=model,
                         model=str(tiny_model_dir))
 
@@ -171,10 +190,12 @@ async def env(kafka_bootstrap: str, empty_database_url: str, postgres_admin_url:
     env: Env | None = None
     try:
         async with serve(create_app(settings, route_check)) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-            env = Env(kafka_bootstrap, topic, group, model, pool, http, sweeper, tmp_path, postgres_admin_url)
+            env = Env(kafka_bootstrap, topic, group, model, pool, http, sweeper, tmp_path, postgres_admin_url, bound)
             yield env
     finally:
         sweeper.cancel()
+        if env is not None:
+            env.sweeper.cancel()  # a test may have replaced it (resume_sweep)
         for node in env.nodes if env else []:
             await node.kill()
             await asyncio.to_thread(node.publisher.close)
@@ -308,6 +329,57 @@ async def test_forged_unsigned_and_malformed_heartbeats_change_nothing(env: Env)
     await env.assert_rebuild_equals_live()
 
 
+async def test_a_forged_time_out_leaves_the_node_online_and_the_sweeps_own_still_count(env: Env) -> None:
+    a = env.node("a", 0, 2, "wallet-a")  # beats only when told: silent in between
+    await a.beat("joining")
+    await env.pause_sweep()  # so that only the forgeries could take it offline meanwhile
+    await a.beat("online")
+    latest = await eventually(lambda: _when(env.row(a.peer_id), lambda r: r and r["state"] == "online"), "a online")
+    history = await env.pool.fetch("SELECT * FROM far_node_state_changes WHERE peer_id = $1 ORDER BY id", a.peer_id)
+
+    # time-out decisions naming a's latest heartbeat, exactly as the sweep's would, produced straight onto the topic
+    decision = NodeTimedOut(peer_id=a.peer_id, last_heartbeat_id=latest["last_heartbeat_id"],
+                            last_seen=latest["last_seen"], timeout_seconds=TIMEOUT, source="attacker")
+    attacker = RegistryKey.create(env.tmp / "attacker.key")
+    claimed = json.loads(attacker.sign(decision.model_copy(update={"event_id": uuid.uuid4()})).model_dump_json())
+    claimed["key_id"] = env.key.key_id  # the registry's key id, the attacker's signature
+    earlier = decision.model_copy(update={"event_id": uuid.uuid4(), "last_heartbeat_id": uuid.uuid4()})
+    edited = json.loads(env.key.sign(earlier).model_dump_json())
+    edited["last_heartbeat_id"] = str(latest["last_heartbeat_id"])  # a genuine decision re-pointed at a's latest
+    forged = {
+        "unsigned time-out decision": decision.model_dump_json().encode(),
+        "not one of the registry's keys": attacker.sign(decision.model_copy(update={"event_id": uuid.uuid4()}))
+        .model_dump_json().encode(),
+        "bad signature": json.dumps(claimed).encode(),
+        "does not verify with the registry's key": json.dumps(edited).encode(),
+    }
+    for value in forged.values():
+        await env.publish_raw(value, a.peer_id)
+    await env.caught_up()
+    letters = await eventually(lambda: _when(env.letters(), lambda ls: len(ls) >= len(forged)),
+                               "every forged time-out dead-lettered")
+    by_payload = {d.payload.encode(): d for d in letters}
+    for reason, value in forged.items():
+        assert reason in by_payload[value].reason, (reason, by_payload[value].reason)
+        assert by_payload[value].consumer_group == env.group and by_payload[value].key == a.peer_id
+    assert dict(await env.row(a.peer_id)) == dict(latest)  # still online, its row untouched
+    assert await env.pool.fetch("SELECT * FROM far_node_state_changes WHERE peer_id = $1 ORDER BY id",
+                                a.peer_id) == history
+
+    # the sweep's own, signed decision still takes the silent node offline
+    env.resume_sweep()
+    await eventually(lambda: _when(env.row(a.peer_id), lambda r: r["state"] == "offline"), "a timed out",
+                     timeout=TIMEOUT + 20)
+    last = (await env.pool.fetch("SELECT * FROM far_node_state_changes WHERE peer_id = $1 ORDER BY id",
+                                 a.peer_id))[-1]
+    assert (last["from_state"], last["to_state"], last["reason"]) == ("online", "offline", "timeout")
+    applied = next(d for d in map(json.loads, await read_all(env.bootstrap, env.topic))
+                   if d.get("event_id") == str(last["event_id"]))
+    assert applied["type"] == "node.timed_out" and applied["key_id"] == env.key.key_id and applied["signature"]
+    assert len(await env.letters()) == len(forged)  # the sweep's decision was not refused
+    await env.assert_rebuild_equals_live()
+
+
 async def test_a_replayed_old_heartbeat_does_not_bring_an_offline_node_back(env: Env) -> None:
     a = env.node("a", 0, 2, "wallet-a")
     await a.beat("joining")
@@ -374,6 +446,11 @@ def test_rebuild_command_replays_the_heartbeat_topic(kafka_bootstrap: str, empty
         publisher.close()
     runner = CliRunner()
     args = ["--database-url", empty_database_url, "--kafka-bootstrap", kafka_bootstrap]
+    # the live registry's key verifies its time-out decisions; the rebuild never makes one up
+    missing = runner.invoke(rebuild_command, [*args, "--registry-key", str(tmp_path / "absent.key")])
+    assert missing.exit_code != 0 and "not found" in str(missing.exception) and not (tmp_path / "absent.key").exists()
+    RegistryKey.create(tmp_path / "registry.key")
+    args += ["--registry-key", str(tmp_path / "registry.key")]
     result = runner.invoke(rebuild_command, args)
     assert result.exit_code == 0, result.output
     assert re.match(r"rebuilt \d+ nodes and \d+ state changes from \d+ records \(\d+ refused\)", result.output)
