@@ -218,9 +218,11 @@ async def test_a_forged_heartbeat_does_not_change_the_wallet(mesh: Mesh, tmp_pat
         [d for d in ls if d.key == victim and "attacker-wallet" in d.payload]) >= 2), "both forgeries dead-lettered")
     reasons = [d.reason for d in letters if d.key == victim and "attacker-wallet" in d.payload]
     assert any("belongs to peer" in r for r in reasons) and any("bad signature" in r for r in reasons)
-    forged = await eventually(lambda: _when(mesh.letters(), lambda ls: [
-        d for d in ls if d.key == victim and str(timed_out.event_id) in d.payload]), "the forged time-out dead-lettered")
-    assert "unsigned time-out decision" in forged[0].reason
+    def forged_timeout(letters: list[DeadLetter]) -> list[DeadLetter]:
+        return [d for d in letters if d.key == victim and str(timed_out.event_id) in d.payload]
+
+    letters = await eventually(lambda: _when(mesh.letters(), forged_timeout), "the forged time-out dead-lettered")
+    assert "unsigned time-out decision" in forged_timeout(letters)[0].reason
     await wait_caught_up(mesh.bootstrap, mesh.group, topics.HEARTBEATS.name, timeout=30)
     node = await mesh.node(victim)
     assert node["wallet"] == wallet_of("0:2") and node["state"] == "online"
