@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 from schemas import money
 from farmesh.billing.pricing import Work, fee_rate_units, settlement
@@ -46,6 +47,15 @@ def session_events(i: int, account_id: uuid.UUID, prefix: str = "bench") -> list
         finished_at=started + timedelta(milliseconds=15 * tokens), worker="bench", contributions=contributions,
         finish_reason="length")
     return [outcome, *outcome.contribution_events()]
+
+
+async def reserve_all(conn: Any, account_id: uuid.UUID, request_ids: list[str]) -> None:
+    """The open reservation the gateway made for each request of `session_events` (64 tokens at PRICE, FEE_RATE):
+    the consumers settle only what was reserved."""
+    await conn.execute(
+        "INSERT INTO far_reservations (request_id, account_id, model, max_tokens, price_per_token, platform_fee_rate, "
+        "amount) SELECT r, $2, 'farmesh-tiny', 64, $3::numeric, $4::numeric, $3::numeric * 64 FROM unnest($1::text[]) AS r",
+        request_ids, account_id, PRICE, FEE_RATE)
 
 
 def wire(event: InferenceCompleted | NodeContribution) -> bytes:

@@ -2,7 +2,7 @@
 
 The ledger side is the consumer's own code path (consumers/ledger/consumer.py `record`): per consumer
 batch of 500 Kafka records, parse them (farmesh.kafka.batches.outcomes_of), then in one transaction check
-money and accounts (acceptance.reasons_for) and write sessions, contributions, settlement postings and closed
+money, accounts and reservations (acceptance.judge, on facts read with the reservations locked) and write sessions, contributions, settlement postings and closed
 reservations (consumers.ledger.repository.settle, the adapter of the handler's LedgerStore). The records are
 the bytes the worker publishes (one inference.completed + one node.contribution per node). Then the same
 records again: idempotent, the ledger must not change.
@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
-from bench._sessions import PEERS, PRICE, Record, session_events, wire
+from bench._sessions import PEERS, PRICE, Record, reserve_all, session_events, wire
 from consumers.ledger.repository import settle
 from farmesh.kafka.batches import outcomes_of
 from farmesh.billing import accounts
@@ -88,11 +88,9 @@ async def prepare(conn: asyncpg.Connection, account_id: uuid.UUID, request_ids: 
     await accounts.deposit(conn, account_id, money.to_base_units(PRICE) * 64 * sessions, description="opening credit")
     await conn.executemany("INSERT INTO far_nodes (peer_id, wallet, state) VALUES ($1, $2, 'online')",
                            [(p, f"0xWALLET{n}") for n, p in enumerate(PEERS)])
-    # What the gateway held for each request before publishing it (the ledger closes these).
-    await conn.execute(
-        "INSERT INTO far_reservations (request_id, account_id, model, max_tokens, price_per_token, amount) "
-        "SELECT r, $2, 'farmesh-tiny', 64, $3::numeric, $3::numeric * 64 FROM unnest($1::text[]) AS r",
-        request_ids, account_id, PRICE)
+    # What the gateway held for each request before publishing it (the ledger judges the outcomes on these and
+    # closes them).
+    await reserve_all(conn, account_id, request_ids)
 
 
 async def written_rows(conn: asyncpg.Connection) -> tuple[dict[str, list[Any]], list[Any]]:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import asyncpg
 
 from bench._common import Target, finish, ratio, say, scratch_database, stopwatch
-from bench._sessions import PRICE, session_events, wire
+from bench._sessions import PRICE, reserve_all, session_events, wire
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
 from schemas import money
@@ -107,6 +107,7 @@ async def main(sessions: int, rounds: int) -> int:
                 conn = await asyncpg.connect(url)
                 try:
                     client = await accounts.create_client(conn, "bench", money.to_base_units(PRICE))
+                    await reserve_all(conn, client.account_id, [f"bench-{i}" for i in range(sessions)])
                     with stopwatch() as produce_t:
                         records = await produce(broker.bootstrap, client.account_id, sessions)
                     say(f"sessions={sessions} records={records} partitions={PARTITIONS} "

@@ -16,7 +16,8 @@ from farmesh.runtime.settings import Settings
 def worker(settings: Settings, metrics_host: str, metrics_port: int) -> None:
     """Consumer group `inference`: runs requests on the Petals swarm.
 
-    With a database it prefers routes through the nodes the registry knows as online.
+    Needs the database: it runs only requests that match the open reservation the gateway made for them, and it
+    prefers routes through the nodes the registry knows as online.
     """
     require_initial_peers(settings)
     from consumers.inference.service import run_worker

@@ -9,6 +9,15 @@ A request cancelled on farmesh.inference.control (its client went away) stops be
 and ends as cancelled: only the tokens delivered until then are charged. A request picked up after its
 deadline is not run: it ends as expired and is charged nothing.
 
+Only what the gateway reserved is run. Anyone who can write to the requests topic can publish a well-formed
+request (with no reservation, another account, 100x the price); so before anything else the handler reads the
+request's reservation through its `Reservations` port (consumers/inference/ports.py) and runs the request only
+if it matches an OPEN reservation: same account, model, price and fee rate, max_tokens within what was reserved
+(farmesh/billing/acceptance.py `request_problem`). Otherwise the request is dead-lettered with the reason: not
+run, nothing published for it, nothing charged. That includes a request redelivered after its outcome was
+settled (its reservation is closed): it already ran. A worker therefore needs the database (`farmesh worker`
+refuses to start without FARMESH_DATABASE_URL).
+
 Concurrency: `concurrency` consumers of the group run in one worker process, each with its own partitions of
 the requests topic and one generation at a time, committing its offsets only after the request's outcome is
 published (FastStream's partition-concurrent subscriber). Sampling is seeded by the request id, so a request
@@ -33,12 +42,14 @@ from datetime import datetime, timezone
 from typing import Callable, Protocol, Sequence, Union
 
 from faststream import Context
-from faststream.kafka import KafkaBroker, KafkaRouter
+from faststream.kafka import KafkaBroker, KafkaMessage, KafkaRouter
 from faststream.kafka.publisher import DefaultPublisher
 from faststream.middlewares import AckPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from consumers.inference.ports import Reservations
 from consumers.inference.settlement import settle
+from farmesh.billing.acceptance import request_problem
 from farmesh.billing.pricing import Work
 from farmesh.kafka import messaging
 from schemas import topics
@@ -84,6 +95,8 @@ class Metrics:
         self.first_token = Histogram("farmesh_worker_time_to_first_token_seconds", "Request start to first token", ["model"], registry=registry)
         self.duration = Histogram("farmesh_worker_generation_seconds", "Whole generation", ["model"], registry=registry)
         self.node_tokens = Counter("farmesh_node_tokens_total", "Tokens processed per node", ["peer_id"], registry=registry)
+        self.refused = Counter("farmesh_worker_refused_requests_total",
+                               "Requests dead-lettered unrun: they match no open reservation", registry=registry)
 
 
 def _now() -> datetime:
@@ -161,6 +174,7 @@ class Worker:
     metrics: Metrics
     outcomes: DefaultPublisher  # the router's declared publishers (InferenceRouter)
     replies: DefaultPublisher
+    reservations: Reservations  # what the gateway reserved: a request is run only if it matches an open one
     cancellations: Cancellations = field(default_factory=Cancellations)
 
 
@@ -169,8 +183,15 @@ async def on_cancel(event: InferenceCancelled, worker: Worker = Context(WORKER))
     worker.cancellations.add(event.request_id, event.reason)
 
 
-async def run_inference(request: InferenceRequested, worker: Worker = Context(WORKER)) -> None:
-    """Run one request: stream its tokens, then publish its outcome and contributions, then end its stream."""
+async def run_inference(request: InferenceRequested, message: KafkaMessage, broker: KafkaBroker = Context(),
+                        worker: Worker = Context(WORKER)) -> None:
+    """Run one request: stream its tokens, then publish its outcome and contributions, then end its stream.
+    A request that matches no open reservation is dead-lettered instead, and nothing else happens."""
+    problem = request_problem(request, await worker.reservations.reservation(request.request_id))
+    if problem is not None:
+        await messaging.send_dead_letter(broker, topics.GROUP_INFERENCE, message.raw_message, f"not run: {problem}")
+        worker.metrics.refused.inc()
+        return
     loop = asyncio.get_running_loop()
     started_at, t0 = _now(), loop.time()
     relay = TokenRelay(worker.replies, request, loop, worker.cancellations)
@@ -247,7 +268,8 @@ class InferenceRouter(KafkaRouter):
         # so the group's contract names them and tests can watch them (.mock).
         self.dead_letters = self.publisher(
             topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_INFERENCE}", schema=DeadLetter,
-            description="Requests and cancellations that do not validate against their schema",
+            description="Requests and cancellations that do not validate against their schema, and requests that "
+                        "match no open reservation (not run), with why",
         )
         # No consumer group: every worker hears every cancellation and stops the request if it runs it.
         # Fetch waits: a request must start at once (fetch_wait_ms, see Settings.latency_fetch_wait_ms); a
@@ -266,11 +288,13 @@ class InferenceRouter(KafkaRouter):
 router = InferenceRouter()  # the group as declared by default (the AsyncAPI document); register() makes its own
 
 
-def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry,
-             worker_name: str | None = None, concurrency: int = 1, fetch_wait_ms: int = 3) -> InferenceRouter:
-    """The group on `broker`: a router of its own included, its `Worker` in the broker's context."""
+def register(broker: KafkaBroker, generator: Generator, model: str, registry: CollectorRegistry, *,
+             reservations: Reservations, worker_name: str | None = None, concurrency: int = 1,
+             fetch_wait_ms: int = 3) -> InferenceRouter:
+    """The group on `broker`: a router of its own included, its `Worker` in the broker's context. `reservations`
+    is required: a worker that cannot check what the gateway reserved would run anything it is sent."""
     group = InferenceRouter(concurrency=concurrency, fetch_wait_ms=fetch_wait_ms)
     broker.context.set_global(WORKER, Worker(generator, model, worker_name or default_source(), Metrics(registry),
-                                             group.outcomes, group.replies))
+                                             group.outcomes, group.replies, reservations))
     broker.include_router(group)
     return group

@@ -1,8 +1,13 @@
-"""`farmesh worker`: the inference group's process (Petals client, subscribers, /metrics, /health)."""
+"""`farmesh worker`: the inference group's process (Petals client, subscribers, /metrics, /health).
+
+It needs the database: a request runs only if it matches the open reservation the gateway made for it
+(consumers/inference/ports.py), and that is read from far_reservations. Without FARMESH_DATABASE_URL the worker
+refuses to start (one error line) rather than run whatever the requests topic carries; the same database gives
+it the registry's online nodes to route through.
+"""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -16,12 +21,11 @@ from schemas import topics
 if TYPE_CHECKING:
     from consumers.inference.generation import MeshClient
 
-log = logging.getLogger(__name__)
-
 
 async def run_worker(settings: Settings, host: str, port: int) -> None:
     from consumers.inference.generation import load_client
 
+    settings.require_database_url()  # before anything slow: no reservations to check, no worker
     await messaging.ensure_topics(settings.kafka_bootstrap, messaging.mesh_topics(settings.topic_partitions))
     client = await asyncio.to_thread(
         load_client, settings.model_dir, settings.initial_peers, settings.dht_prefix,
@@ -36,29 +40,23 @@ async def run_worker(settings: Settings, host: str, port: int) -> None:
 async def _serve_with(client: MeshClient, settings: Settings, host: str, port: int) -> None:
     from consumers.inference import consumer as worker
 
+    from consumers.inference.repository import PostgresReservations
+    from consumers.inference.routing import RoutePreference, keep_preferring_registered
+
     registry = CollectorRegistry()
     broker = messaging.create_broker(settings.kafka_bootstrap, topics.GROUP_INFERENCE, registry)
-    worker.register(broker, client, settings.model_name, registry, concurrency=settings.worker_concurrency,
-                    fetch_wait_ms=settings.latency_fetch_wait_ms)
+    # One reservation lookup per request (each of `concurrency` generations at a time), plus the route refresh.
+    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1,
+                                     max_size=max(2, settings.worker_concurrency + 1))
+    worker.register(broker, client, settings.model_name, registry, reservations=PostgresReservations(pool),
+                    concurrency=settings.worker_concurrency, fetch_wait_ms=settings.latency_fetch_wait_ms)
     # Prefer routes through the nodes the registry knows as online (they are the ones that get paid).
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2) if settings.database_url else None
-    preferring = None
-    if pool is not None:
-        from consumers.inference.routing import (
-            RoutePreference,
-            keep_preferring_registered,
-        )
-
-        preference = RoutePreference(client.model.transformer.h.sequence_manager)
-        preferring = asyncio.create_task(
-            keep_preferring_registered(pool, settings.model_name, preference, settings.route_refresh))
-    else:
-        log.warning("FARMESH_DATABASE_URL is not set: routes ignore the node registry")
+    preference = RoutePreference(client.model.transformer.h.sequence_manager)
+    preferring = asyncio.create_task(
+        keep_preferring_registered(pool, settings.model_name, preference, settings.route_refresh))
     try:
         await serve(consumer_app(broker, registry, settings, topics.GROUP_INFERENCE, topics.REQUESTS.name),
                      host, port, "worker")
     finally:
-        if preferring is not None:
-            preferring.cancel()
-        if pool is not None:
-            await pool.close()
+        preferring.cancel()
+        await pool.close()

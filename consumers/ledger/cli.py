@@ -63,6 +63,9 @@ async def _replay(settings: Settings, since: datetime | None, check: bool) -> tu
         return state, await verify(conn, since)
 
 
+REJECTED_SHOWN = 50  # rejected records printed by `farmesh replay`
+
+
 @click.command("replay")
 @with_settings("kafka_bootstrap", "database_url")
 @click.option("--since", default=None, metavar="TIME", help="Start at the log offsets of this time (ISO 8601, UTC if no zone)")
@@ -75,6 +78,11 @@ def replay_command(settings: Settings, since: str | None, check: bool) -> None:
     click.echo(f"replay: {state.records} record(s) of {topics.SESSIONS.name} {window} in "
                f"{len(state.positions)} partition(s): {state.outcomes} outcome(s), {state.sessions} session(s), "
                f"{len(state.rejected)} rejected -> schema {SCHEMA}")
+    # What the rule refused (a forged or malformed record in the log shows here; all of them: far_replay.rejected).
+    for partition, offset, reason in state.rejected[:REJECTED_SHOWN]:
+        click.echo(f"REJECTED {topics.SESSIONS.name}[{partition}]@{offset}: {reason}")
+    if len(state.rejected) > REJECTED_SHOWN:
+        click.echo(f"... and {len(state.rejected) - REJECTED_SHOWN} more rejected (table {SCHEMA}.rejected)")
     if not check:
         return
     for line in differences:

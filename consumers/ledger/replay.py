@@ -3,8 +3,9 @@
 Reads farmesh.sessions from the earliest offset (or, with --since, from the offsets the broker finds for
 that time: offsets_for_times) up to the end offsets seen at start, with NO consumer group (partitions
 are assigned, nothing is committed), so the live groups are never disturbed. It applies the ledger's
-rule (farmesh/billing/acceptance.py: the first accepted outcome of a request_id wins) and rebuilds, in the
-separate PostgreSQL schema `far_replay`:
+rule (farmesh/billing/acceptance.py: an outcome counts when its money adds up and it matches the reservation the
+gateway made for its request; the first such outcome of a request_id wins, or the one the live groups recorded)
+and rebuilds, in the separate PostgreSQL schema `far_replay`:
 
     far_replay.sessions        one row per request: the winning outcome
     far_replay.contributions   the winners' contributions
@@ -36,7 +37,8 @@ from uuid import UUID
 import asyncpg
 from pydantic import ValidationError
 
-from farmesh.billing.acceptance import contribution_conflict, money_problem
+from db.views.reservations import reservations_with_taken
+from farmesh.billing.acceptance import contribution_conflict, money_problem, reservation_problem
 from farmesh.kafka.log_reader import read_log_batches
 from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
@@ -166,6 +168,9 @@ async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | N
     try:
         async for records in read_log_batches(bootstrap, topics.SESSIONS.name, since, state.positions):
             state.records += len(records)
+            # A fetched batch at a time: its records parsed first, so the facts its outcomes are judged on (their
+            # reservations, the client accounts not seen yet) come in one round trip or two.
+            parsed: list[tuple[Any, SessionOutcome | str]] = []
             for record in records:
                 if CONTRIBUTION_HEADER in record.headers:
                     # Every contribution also travels inside its outcome, which is what replay rebuilds from;
@@ -175,29 +180,45 @@ async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | N
                 try:
                     event = validate(record.value)
                 except (ValidationError, ValueError) as exc:
-                    state.rejected.append((record.partition, record.offset, f"invalid session event: {str(exc)[:200]}"))
+                    parsed.append((record, f"invalid session event: {str(exc)[:200]}"))
                     continue
-                if isinstance(event, NodeContribution):
+                if not isinstance(event, NodeContribution):
+                    parsed.append((record, event))
+            outcomes = [e for _, e in parsed if not isinstance(e, str)]
+            if not outcomes:
+                continue
+            reservations, taken = await reservations_with_taken(lookups, {o.request_id for o in outcomes})
+            unknown = {o.account_id for o in outcomes} - clients - strangers
+            if unknown:
+                found = {r["account_id"] for r in await lookups.fetch(
+                    "SELECT account_id FROM far_accounts WHERE kind = 'client' AND account_id = ANY($1::uuid[])",
+                    list(unknown))}
+                clients |= found
+                strangers |= unknown - found
+            for record, event in parsed:
+                if isinstance(event, str):
+                    state.rejected.append((record.partition, record.offset, event))
                     continue
                 state.outcomes += 1
                 if event.event_id not in seen:
                     seen.add(event.event_id)
                     chunk.seen.append((event.event_id, event.request_id))
-                # The ledger's rule, in log order: money adds up, a known client, contribution ids not taken.
+                # The ledger's rule, in log order: money adds up, a known client, the request's reservation and
+                # the pricing rule's split, contribution ids not taken.
                 problem = money_problem(event)
                 if problem is None and event.account_id not in clients:
-                    if event.account_id not in strangers and await lookups.fetchval(
-                            "SELECT 1 FROM far_accounts WHERE account_id = $1 AND kind = 'client'", event.account_id):
-                        clients.add(event.account_id)
-                    else:
-                        strangers.add(event.account_id)
-                        problem = f"unknown client account {event.account_id}"
+                    problem = f"unknown client account {event.account_id}"
+                won = taken.get(event.request_id, ())
+                if problem is None:
+                    problem = reservation_problem(event, reservations.get(event.request_id), won)
                 if problem is None and event.request_id not in winners:
                     problem = contribution_conflict(event, owners)
                 if problem is not None:
                     state.rejected.append((record.partition, record.offset, problem))
                     continue
-                if event.request_id not in winners:
+                # The first acceptable outcome wins, unless the live groups recorded another one (which then
+                # wins where it comes in the log: every consumer follows the winner recorded first).
+                if event.request_id not in winners and (not won or event.event_id in won):
                     winners.add(event.request_id)
                     _win(chunk, event, record.partition, record.offset)
             if len(chunk.seen) >= _CHUNK:

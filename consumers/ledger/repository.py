@@ -12,12 +12,16 @@ and the request's reservation is closed (settled; released when the session fail
 are charged). A redelivered or replayed event records and posts nothing.
 
 `PostgresLedger` is the adapter of the handler's port (consumers/ledger/ports.py `LedgerStore`): `settle` judges a
-batch with the acceptance rule on the facts of this database and records the accepted outcomes, in the same
-transaction. `record_outcomes` records without judging (the tests of the writes and the bench use it).
+batch with the acceptance rule (farmesh/billing/acceptance.py: the money adds up, and the outcome matches the
+reservation the gateway made for its request) on the facts of this database, and records the accepted outcomes, in
+the same transaction. The reservations judged on stay locked until the commit (db/views/acceptance.py), so the
+payments group, judging the same requests, sees what this batch decided. `record_outcomes` records without judging
+(the tests of the writes use it).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any, Sequence
 
@@ -26,7 +30,7 @@ import asyncpg
 from consumers.ledger.ports import Recorded, Settled
 from db.views.acceptance import acceptance_facts
 from farmesh.billing import accounts
-from farmesh.billing.acceptance import reasons_for
+from farmesh.billing.acceptance import judge
 from schemas.events import Contribution, InferenceCompleted, SessionOutcome
 
 # Per batch, the outcomes and their contributions are COPYed into two temporary staging tables (one pair per
@@ -152,14 +156,18 @@ class PostgresLedger:
 
 
 async def settle(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Settled:
-    """Judge a batch (money, client account, contribution ids already owned) and record the accepted outcomes, in
-    one transaction: the acceptance facts are read where the writes go, in the round trips a batch takes anyway."""
+    """Judge a batch (money, client account, the request's reservation, the pricing rule's split, contribution ids
+    already owned) and record the accepted outcomes, in one transaction: the acceptance facts are read where the
+    writes go. An acceptable outcome that loses to the winner already recorded counts as a duplicate."""
     if not outcomes:
         return Settled(Recorded(0, 0, 0))
     async with _transaction(conn):
-        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id"))
-        recorded = await _record(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
-    return Settled(recorded, rejected)
+        facts = await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id", "FOR NO KEY UPDATE")
+        verdict = judge(outcomes, facts)
+        recorded = await _record(conn, verdict.accepted(outcomes))
+    if verdict.losers:
+        recorded = dataclasses.replace(recorded, duplicates=recorded.duplicates + len(verdict.losers))
+    return Settled(recorded, verdict.rejected)
 
 
 async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:

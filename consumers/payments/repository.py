@@ -21,6 +21,7 @@ and `WeeklyBatches` for the scheduled close.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
@@ -33,7 +34,7 @@ from consumers.payments.ports import Closed, Payable, Recorded
 from db.views.acceptance import acceptance_facts
 from db.views.payments import ITEMS_HIGH_WATER
 from farmesh.billing import accounts
-from farmesh.billing.acceptance import reasons_for
+from farmesh.billing.acceptance import judge
 from farmesh.runtime.errors import Refused
 from schemas import money
 from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
@@ -113,14 +114,20 @@ class PostgresPayments:
 
 
 async def judge_and_record(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Payable:
-    """Judge a batch with the ledger's rule (money, client account, contribution ids already owned) and record the
-    payable work of the accepted outcomes, in one transaction: the facts judged on are those written next to."""
+    """Judge a batch with the ledger's rule (money, client account, the request's reservation, the pricing rule's
+    split, contribution ids already owned) and record the payable work of the accepted outcomes, in one transaction:
+    the facts judged on are those written next to. The reservations are share-locked until the commit
+    (db/views/acceptance.py): the ledger, or a release, judging the same requests waits and then sees this batch's
+    choice. An acceptable outcome that loses to the winner a group already recorded counts as a duplicate."""
     if not outcomes:
         return Payable(Recorded(0, 0, 0))
     async with conn.transaction():
-        rejected = reasons_for(outcomes, *await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id"))
-        recorded = await _record(conn, [o for i, o in enumerate(outcomes) if i not in rejected])
-    return Payable(recorded, rejected)
+        facts = await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id", "FOR SHARE")
+        verdict = judge(outcomes, facts)
+        recorded = await _record(conn, verdict.accepted(outcomes))
+    if verdict.losers:
+        recorded = dataclasses.replace(recorded, duplicates=recorded.duplicates + len(verdict.losers))
+    return Payable(recorded, verdict.rejected)
 
 
 async def record_payable(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -> Recorded:

@@ -1,26 +1,72 @@
-"""What the acceptance rule (farmesh/billing/acceptance.py) needs from the database: which accounts named by a
-batch of outcomes are client accounts, and which request already owns each of their contribution ids."""
+"""What the acceptance rule (farmesh/billing/acceptance.py) needs from the database for a batch of outcomes: the
+reservation the gateway made for each request, the outcome a consumer group already recorded for it, which of the
+accounts named are client accounts, and which request already owns each contribution id in the consumer's own
+contributions table.
+
+The reservations are read first, locked (in request id order, so two consumers never wait on each other in a
+cycle), and the rest in a second statement: under READ COMMITTED that statement sees whatever a consumer that held
+one of those rows committed before letting go of it. So whichever group records a request's winner first, the other
+sees that winner when it judges the same request, even when both judge it at the same moment; and an operator's
+release (an UPDATE of the row) waits for both.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 from uuid import UUID
 
 import asyncpg
 
+from db.views.reservations import COLUMNS, Reservation
 from schemas.events import SessionOutcome
 
+# The ledger takes the lock it will update the rows with (no upgrade later: no lock cycle with the payments group's
+# share locks); the payments group and a replay only read.
+Lock = Literal["FOR NO KEY UPDATE", "FOR SHARE"]
 
-async def acceptance_facts(conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[SessionOutcome],
-                           contributions_table: str, id_column: str) -> tuple[set[UUID], dict[UUID, str]]:
-    """(the client accounts among those the outcomes name, the owner request of each of their contribution ids
-    in the consumer's own contributions table): the arguments of acceptance.reasons_for()."""
+
+@dataclass
+class Facts:
+    """The database's side of the acceptance rule, for one batch."""
+
+    reservations: dict[str, Reservation] = field(default_factory=dict)  # request id -> the gateway's reservation
+    # request id -> the outcomes (event ids) a consumer group already recorded as the request's winner: the
+    # ledger's settlement (far_reservations.settlement_txn, far_mesh_sessions) or the payments group's choice
+    # (far_payment_sessions). Normally at most one.
+    taken: dict[str, set[UUID]] = field(default_factory=dict)
+    clients: set[UUID] = field(default_factory=set)  # the client accounts among those the outcomes name
+    owners: dict[UUID, str] = field(default_factory=dict)  # contribution id -> its request, in the consumer's table
+
+
+_FACTS = """
+SELECT 'taken' AS fact, request_id, event_id AS id FROM far_mesh_sessions WHERE request_id = ANY($1::text[])
+UNION ALL SELECT 'taken', request_id, event_id FROM far_payment_sessions WHERE request_id = ANY($1::text[])
+UNION ALL SELECT 'client', NULL, account_id FROM far_accounts WHERE kind = 'client' AND account_id = ANY($2::uuid[])
+UNION ALL SELECT 'owned', request_id, {id_column} FROM {contributions_table} WHERE {id_column} = ANY($3::uuid[])
+"""
+
+
+async def acceptance_facts(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome], contributions_table: str,
+                           id_column: str, lock: Lock) -> Facts:
+    """The facts the rule judges `outcomes` on, read inside the caller's transaction (two round trips: the locked
+    reservations, then the rest)."""
+    facts = Facts()
     if not outcomes:
-        return set(), {}
-    ids = [c.contribution_id for o in outcomes for c in o.contributions]
-    # One round trip: the owners of the contribution ids, then the known clients among the accounts named.
-    rows = await conn.fetch(
-        f"SELECT true AS owned, {id_column} AS id, request_id FROM {contributions_table} WHERE {id_column} = ANY($1::uuid[]) "
-        "UNION ALL SELECT false, account_id, NULL FROM far_accounts WHERE kind = 'client' AND account_id = ANY($2::uuid[])",
-        ids, list({o.account_id for o in outcomes}))
-    owners = {r["id"]: r["request_id"] for r in rows if r["owned"]}
-    return {r["id"] for r in rows if not r["owned"]}, owners
+        return facts
+    request_ids = sorted({o.request_id for o in outcomes})
+    for row in await conn.fetch(f"SELECT {COLUMNS} FROM far_reservations WHERE request_id = ANY($1::text[]) "
+                                f"ORDER BY request_id {lock}", request_ids):
+        r = facts.reservations[row["request_id"]] = Reservation.of(row)
+        if r.settlement_txn is not None:
+            facts.taken.setdefault(r.request_id, set()).add(r.settlement_txn)
+    rows = await conn.fetch(_FACTS.format(id_column=id_column, contributions_table=contributions_table),
+                            request_ids, list({o.account_id for o in outcomes}),
+                            [c.contribution_id for o in outcomes for c in o.contributions])
+    for row in rows:
+        if row["fact"] == "taken":
+            facts.taken.setdefault(row["request_id"], set()).add(row["id"])
+        elif row["fact"] == "client":
+            facts.clients.add(row["id"])
+        else:
+            facts.owners[row["id"]] = row["request_id"]
+    return facts

@@ -1,21 +1,50 @@
-"""Which session outcomes count: the one rule the ledger, the payments group and a replay all apply.
+"""Which work counts: the one rule the worker, the ledger, the payments group and a replay all apply.
 
-An outcome is accepted when its money adds up exactly and it names a known client account; then the
-first accepted outcome of a request_id wins (later ones: a redelivered request that ran again, or the
-same event delivered again, are ignored). Every consumer reads the sessions topic partition by
-partition in the same order, so each of them picks the same winner: the payments group pays exactly
-the work the ledger credits, and a replay rebuilds the same projections.
+Money moves only for what the gateway reserved. The gateway holds max_tokens x price on a client's account
+(far_reservations) before it publishes a request; anyone who can write to a topic can publish a well-formed event,
+so the reservation, not the event, is what is trusted:
+
+- A worker runs a request only while its reservation is open and says what the request says (account, model,
+  price, fee rate, and no more tokens than were reserved): `request_problem`.
+- An outcome counts only when its money adds up exactly (`money_problem`), it names a client account, it matches
+  its request's reservation (same account and model, the reserved price and fee rate, no more tokens than were
+  reserved, so cost <= the reserved amount) and its contributions are exactly what the pricing rule gives for their
+  spans (farmesh/billing/pricing.py `settlement`: the nodes' shares are recomputed, never trusted):
+  `reservation_problem`. Anything else is rejected with its reason (the consumers dead-letter it) and moves nothing.
+
+Which accepted outcome wins a request: the one a consumer group already recorded for it, else the first in log
+order. Every consumer reads the sessions topic partition by partition in the same order, so normally all pick the
+first; and the facts (db/views/acceptance.py) carry the winner either group recorded (the ledger's settlement, the
+payments group's choice), so the second to judge a request follows the first even if they saw two acceptable
+outcomes in different orders (an outcome keyed or partitioned apart from its request). A later acceptable outcome
+(a redelivered request that ran again, the same event delivered again) is not rejected: it loses, and records
+nothing. So the payments group pays exactly the work the ledger credits, and a replay rebuilds the same projections.
+
+The states of a reservation, and what each admits:
+
+- open: not settled yet. The first acceptable outcome wins.
+- settled / released BY AN OUTCOME (settlement_txn: a completed outcome settles it; a failed, cancelled or expired
+  one releases it, charged only the tokens it delivered, nothing for an expired one): that outcome is the winner;
+  the payments group and a replay, which may judge it after the ledger closed the reservation, accept it (and
+  only it).
+- released with NO outcome (withdrawn: `farmesh keys release`, or the gateway could not queue the request): no
+  outcome is accepted, unless a group had already recorded it as the winner while the reservation was still open
+  (an outcome can be published before the release and reach one group before it and the other after it). Then
+  every consumer accepts that one, so the groups never part ways; the ledger settles the reservation with it. The
+  row locks of db/views/acceptance.py make a release wait for a group that is judging the request.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Sequence
 from uuid import UUID
 
-
-
+from db.views.acceptance import Facts
+from db.views.reservations import Reservation
+from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost, settlement
 from schemas import money
-from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost
-from schemas.events import SessionOutcome
+from schemas.events import InferenceRequested, SessionOutcome
 
 
 def money_problem(o: SessionOutcome) -> str | None:
@@ -42,6 +71,76 @@ def money_problem(o: SessionOutcome) -> str | None:
         return "two contributions share an id"
     if len({(c.peer_id, c.start_block, c.end_block) for c in o.contributions}) != len(o.contributions):
         return "two contributions of one peer over the same blocks"
+    if o.status == "expired" and (o.completion_tokens or o.contributions):
+        return "an expired request never ran: it delivers no tokens and no work"
+    return None
+
+
+def _terms_problem(what: str, request_id: str, r: Reservation, account_id: UUID, model: str, price: object,
+                   fee_rate: object, tokens: int) -> str | None:
+    """Why `what` (a request or an outcome of `request_id`) does not keep to the terms of its reservation."""
+    if account_id != r.account_id:
+        return f"request {request_id} was reserved by account {r.account_id}, not {account_id}"
+    if model != r.model:
+        return f"request {request_id} was reserved for model {r.model!r}, not {model!r}"
+    try:
+        if money.to_base_units(price) != money.to_base_units(r.price_per_token):  # type: ignore[arg-type]
+            return f"{what} price_per_token {price} != the reserved {money.text(r.price_per_token)}"
+        if fee_rate_units(fee_rate) != fee_rate_units(r.platform_fee_rate):  # type: ignore[arg-type]
+            return f"{what} platform_fee_rate {fee_rate} != the reserved {money.text(r.platform_fee_rate)}"
+    except ValueError as exc:
+        return f"amount not exact: {exc}"
+    if tokens > r.max_tokens:
+        return f"{what} {tokens} tokens > the {r.max_tokens} reserved"
+    return None
+
+
+def reservation_problem(o: SessionOutcome, r: Reservation | None, taken: Collection[UUID] = ()) -> str | None:
+    """Why an outcome (whose money adds up) does not match what the gateway reserved for its request, or must not
+    settle it; None when it may. `taken`: the outcomes a consumer group already recorded for the request."""
+    if r is None:
+        return f"no reservation for request {o.request_id} (the gateway reserves every request before queueing it)"
+    problem = _terms_problem("outcome", o.request_id, r, o.account_id, o.model, o.price_per_token,
+                             o.platform_fee_rate, o.completion_tokens)
+    if problem is not None:
+        return problem
+    cost, amount = money.to_base_units(o.cost_far), money.to_base_units(r.amount)
+    if cost > amount:  # follows from the tokens and the price; kept as the rule's own words
+        return f"cost {money.text(o.cost_far)} > the reserved {money.text(r.amount)}"
+    work = [Work(c.peer_id, c.start_block, c.end_block, c.tokens_processed) for c in o.contributions]
+    try:
+        due = settlement(o.completion_tokens, money.to_base_units(r.price_per_token),
+                         fee_rate_units(r.platform_fee_rate), work)
+    except ValueError as exc:
+        return f"contributions cannot be priced: {exc}"
+    earned = [money.to_base_units(c.earnings_far) for c in o.contributions]
+    if earned != due.shares or money.to_base_units(o.platform_fee_far) != due.fee:
+        return ("contributions are not the pricing rule's split of their spans: earnings "
+                f"{[money.text(c.earnings_far) for c in o.contributions]} != "
+                f"{[money.text(money.to_far(s)) for s in due.shares]}")
+    if r.withdrawn and o.event_id not in taken:
+        return (f"the reservation of request {o.request_id} was released without an outcome"
+                f"{f' ({r.reason})' if r.reason else ''}: nothing may settle it")
+    return None
+
+
+def request_problem(request: InferenceRequested, r: Reservation | None) -> str | None:
+    """Why a worker must not run `request` (None when it may): it matches no open reservation."""
+    if r is None:
+        return f"no reservation for request {request.request_id} (the gateway reserves every request before queueing it)"
+    if r.status != "open":
+        return (f"the reservation of request {request.request_id} is {r.status}"
+                f"{f' ({r.reason})' if r.reason else ''}: it is not run again")
+    problem = _terms_problem("request", request.request_id, r, request.account_id, request.model,
+                             request.price_per_token, request.platform_fee_rate, request.max_tokens)
+    if problem is not None:
+        return problem
+    try:
+        most = session_cost(request.max_tokens, money.to_base_units(request.price_per_token))
+    except ValueError as exc:
+        return f"amount not exact: {exc}"
+    if most > money.to_base_units(r.amount):
+        return f"request may cost {money.text(money.to_far(most))} > the reserved {money.text(r.amount)}"
     return None
 
 
@@ -55,17 +154,38 @@ def contribution_conflict(o: SessionOutcome, owners: dict[UUID, str]) -> str | N
     return None
 
 
-def reasons_for(outcomes: Sequence[SessionOutcome], clients: set[UUID], owners: dict[UUID, str]) -> dict[int, str]:
-    """index -> why each rejected outcome must not be recorded (the consumers dead-letter those)."""
-    reasons: dict[int, str] = {}
+@dataclass
+class Verdict:
+    """A batch judged: why each rejected outcome (by index) must not be recorded (the consumers dead-letter those),
+    and the acceptable outcomes that lose to the winner a group already recorded (ignored, like a duplicate)."""
+
+    rejected: dict[int, str] = field(default_factory=dict)
+    losers: set[int] = field(default_factory=set)
+
+    def accepted(self, outcomes: Sequence[SessionOutcome]) -> list[SessionOutcome]:
+        """The outcomes to hand to the recording (where the first of a request wins)."""
+        return [o for i, o in enumerate(outcomes) if i not in self.rejected and i not in self.losers]
+
+
+def outcome_problem(o: SessionOutcome, facts: Facts) -> str | None:
+    """Why one outcome must not be recorded, on the batch's facts (contribution ids aside)."""
+    problem = money_problem(o)
+    if problem is None and o.account_id not in facts.clients:
+        problem = f"unknown client account {o.account_id}"
+    if problem is None:
+        problem = reservation_problem(o, facts.reservations.get(o.request_id), facts.taken.get(o.request_id, ()))
+    return problem
+
+
+def judge(outcomes: Sequence[SessionOutcome], facts: Facts) -> Verdict:
+    """The rule over a batch, in order (`facts.owners` gains the contribution ids of the outcomes kept)."""
+    verdict = Verdict()
     for i, o in enumerate(outcomes):
-        problem = money_problem(o)
-        if problem is None and o.account_id not in clients:
-            problem = f"unknown client account {o.account_id}"
+        problem = outcome_problem(o, facts)
         if problem is None:
-            problem = contribution_conflict(o, owners)
+            problem = contribution_conflict(o, facts.owners)
         if problem is not None:
-            reasons[i] = problem
-    return reasons
-
-
+            verdict.rejected[i] = problem
+        elif (won := facts.taken.get(o.request_id)) and o.event_id not in won:
+            verdict.losers.add(i)
+    return verdict

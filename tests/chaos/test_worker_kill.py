@@ -51,7 +51,9 @@ RECEIVED = re.compile(rf"{re.escape(topics.REQUESTS.name)} \| {topics.GROUP_INFE
 
 async def test_killed_worker_request_is_redelivered_and_charged_once(swarm, tmp_path, postgres_admin_url):
     async with ledger_drill(tmp_path, postgres_admin_url, 0) as drill:
-        env = {**drill.env, "FARMESH_DATABASE_URL": "",  # no registry here: routes over any node of the swarm
+        # The drill's database: the worker checks each request against its reservation there (and, with no node
+        # registered, routes over any node of the swarm).
+        env = {**drill.env,
                "FARMESH_INITIAL_PEERS": ",".join(swarm.initial_peers), "FARMESH_MODEL": str(swarm.model_dir),
                "FARMESH_DHT_PREFIX": swarm.dht_prefix}
         workers = []

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
@@ -49,7 +50,8 @@ async def mesh(swarm, kafka_bootstrap, database_url, db_pool):
             brokers = []
             for client in clients:  # two workers of the inference group, 3 generations at once each
                 b = messaging.create_broker(kafka_bootstrap, topics.GROUP_INFERENCE, CollectorRegistry())
-                worker.register(b, client, swarm.dht_prefix, CollectorRegistry(), concurrency=3)
+                worker.register(b, client, swarm.dht_prefix, CollectorRegistry(),
+                                reservations=PostgresReservations(db_pool), concurrency=3)
                 brokers.append(b)
             b = messaging.create_broker(kafka_bootstrap, topics.GROUP_LEDGER, CollectorRegistry())
             ledger.register(b, db_pool, CollectorRegistry())

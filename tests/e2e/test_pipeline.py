@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
@@ -39,7 +40,8 @@ async def gateway(swarm, kafka_bootstrap, database_url, db_pool):
                                      request_timeout=10, max_retries=2)
     view = await asyncio.to_thread(SwarmView, swarm.initial_peers, swarm.dht_prefix, 4)
     groups = {
-        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, client, settings.model_name, r),
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, client, settings.model_name, r,
+                                                         reservations=PostgresReservations(db_pool)),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
     }
     async with db_pool.acquire() as conn:  # the paying client: every request authenticates

@@ -104,9 +104,9 @@ def _cases() -> list[Case]:
         cases.append(Case(f"{name} | database URL malformed", args,
                           {**live_broker, "FARMESH_DATABASE_URL": MALFORMED_DATABASE},
                           r"Error: database URL not usable: .*'notaport'", slow=slow))
-        if name != "worker":  # the worker runs without a database (routes then ignore the registry)
-            cases.append(Case(f"{name} | database URL unset", args, live_broker,
-                              r"Error: (FARMESH_DATABASE_URL is not set|no database: pass --database-url)"))
+        # (the worker too: it checks every request against the gateway's reservation there)
+        cases.append(Case(f"{name} | database URL unset", args, live_broker,
+                          r"Error: (FARMESH_DATABASE_URL is not set|no database: pass --database-url)"))
     rebuild = ("registry", "rebuild", "--database-url")
     cases += [
         Case("registry rebuild | database refused", (*rebuild, REFUSED_DATABASE), live_broker,

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
 from schemas import money
@@ -34,7 +35,7 @@ async def mesh(kafka_bootstrap, database_url, db_pool, tiny_model_dir):
         return route["ok"]
 
     groups = {
-        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r),
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r, reservations=PostgresReservations(db_pool)),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, db_pool, r),
     }
     async with db_pool.acquire() as conn:  # a client account with credit; every request authenticates

@@ -13,6 +13,7 @@ from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import Contribution, DeadLetter, InferenceCompleted, InferenceFailed
 from tests.support.kafka import read_all, wait_caught_up
+from tests.support.money import hold
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +68,7 @@ async def test_replayed_and_duplicated_events_leave_the_ledger_unchanged(kafka_b
     events = [outcome(f"{run}-{i}", tokens=i + 1, failed=(i == 3)) for i in range(6)]
     # A redelivered request that ran again: a second outcome for the same session.
     rerun = outcome(f"{run}-0", tokens=1)
+    await hold(db_pool, *events)  # what the gateway reserved for each request
     for e in events + [rerun]:
         await messaging.publish(running_ledger, topics.SESSIONS.name, e, e.request_id)
     await wait_caught_up(kafka_bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)
@@ -91,6 +93,7 @@ async def test_replayed_and_duplicated_events_leave_the_ledger_unchanged(kafka_b
 
 async def test_malformed_event_is_dead_lettered_and_the_rest_recorded(kafka_bootstrap, db_pool, running_ledger):
     good = outcome(f"{uuid.uuid4().hex[:8]}-ok")
+    await hold(db_pool, good)
     await running_ledger.publish(b'{"type": "inference.completed", "request_id": 7}', topics.SESSIONS.name, key=b"bad")
     await messaging.publish(running_ledger, topics.SESSIONS.name, good, good.request_id)
     await wait_caught_up(kafka_bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)
@@ -109,6 +112,7 @@ async def test_per_node_earnings_count_only_newly_settled_work(kafka_bootstrap, 
                     registry.get_sample_value("farmesh_node_settled_tokens_total", {"peer_id": p})) for p in peers}
 
     events = [outcome(f"{run}-{i}", tokens=i + 1, failed=(i == 2), peers=peers) for i in range(4)]
+    await hold(db_pool, *events)
     for e in events:
         await messaging.publish(publisher, topics.SESSIONS.name, e, e.request_id)
     await wait_caught_up(kafka_bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)

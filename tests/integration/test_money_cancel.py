@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
 from schemas import money
@@ -62,7 +63,7 @@ async def test_a_client_that_disconnects_pays_only_for_what_was_delivered(env, t
     settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL, model=str(tiny_model_dir),
                         max_new_tokens=MAX_TOKENS)
     groups = {
-        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, SlowGenerator(), MODEL, r),
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, SlowGenerator(), MODEL, r, reservations=PostgresReservations(env.pool)),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, env.pool, r),
     }
     async with env.pool.acquire() as conn:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
 from farmesh.billing import accounts
@@ -38,7 +39,8 @@ async def gateway(env, tiny_model_dir):
     settings = Settings(kafka_bootstrap=env.bootstrap, database_url=env.database_url, dht_prefix=MODEL,
                         model=str(tiny_model_dir))
     groups = {
-        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r),  # 3 tokens a request
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, FakeGenerator(), MODEL, r,  # 3 tokens a request
+                                                         reservations=PostgresReservations(env.pool)),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, env.pool, r),
         topics.GROUP_PAYMENTS: lambda b, r: payments.register(b, env.pool, r),
     }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import httpx
 import pytest
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
 from farmesh.billing import accounts
@@ -17,7 +19,7 @@ from schemas import money
 from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import topics
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, InferenceRequested
 from tests.support.consumers import running
 from tests.support.kafka import read_all, wait_caught_up
 from tests.support.money import ScriptedGenerator, audit_breaks, farmesh, money_env, outcome, producer, reserve_for
@@ -42,7 +44,7 @@ async def mesh(env, tiny_model_dir):
                         max_new_tokens=50, model_prices={MODEL: PRICE}, platform_fee=FEE)
     generator = ScriptedGenerator()
     groups = {
-        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, generator, MODEL, r),
+        topics.GROUP_INFERENCE: lambda b, r: worker.register(b, generator, MODEL, r, reservations=PostgresReservations(env.pool)),
         topics.GROUP_LEDGER: lambda b, r: ledger.register(b, env.pool, r),
         topics.GROUP_PAYMENTS: lambda b, r: payments.register(b, env.pool, r),
     }
@@ -79,8 +81,8 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
     ended = [events[-1] for _, events in results]
     assert sum(name == "error" for name, _ in ended) == 5  # sessions 3, 13, 23, ... broke mid-generation
 
-    # Redelivery: every request runs again (a second outcome per request) and every session event is
-    # delivered twice more. Nothing may be posted twice.
+    # Redelivery: every request is delivered again, a second outcome per request arrives (a request that ran
+    # again) and every session event is delivered twice more. Nothing may be posted twice.
     await caught_up(env)
     first = await money_state(env.pool, run)
     again = await producer(env.bootstrap)
@@ -88,6 +90,19 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
         for value in await read_all(env.bootstrap, topics.REQUESTS.name):
             await again.publish(value, topics.REQUESTS.name)
         await caught_up(env)
+        # A request whose reservation is closed already ran: delivered again, it is not run again (issue 12: a
+        # worker runs only what matches an open reservation), and says why on the dead-letter topic.
+        assert len(generator.calls) == 50
+        refused = [d for d in map(DeadLetter.model_validate_json, await read_all(env.bootstrap, topics.DEAD_LETTER.name))
+                   if d.consumer_group == topics.GROUP_INFERENCE and f'"request_id":"{run}-' in d.payload]
+        assert sorted(InferenceRequested.model_validate_json(d.payload).request_id for d in refused) == \
+            sorted(b["request_id"] for b in bodies)
+        assert {d.reason.split(" is ")[1].split()[0].rstrip(":") for d in refused} == {"settled", "released"}
+        # What a second run of each request would publish: acceptable (the reserved terms), and it loses.
+        reruns = [outcome(f"{run}-{i}", issued.account_id, 1 + i % 6, datetime.now(timezone.utc), i=i + 1, price=PRICE,
+                          fee=FEE) for i in range(50)]
+        for o in reruns:
+            await again.publish(o, topics.SESSIONS.name, key=o.request_id.encode())
         session_records = await read_all(env.bootstrap, topics.SESSIONS.name)
         for _ in range(2):
             for value in session_records:
@@ -95,8 +110,10 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
     finally:
         await again.stop()
     await caught_up(env)
-    assert len(generator.calls) == 100  # every request really ran twice
+    assert len(generator.calls) == 50  # each request really ran once
     assert await money_state(env.pool, run) == first
+    assert not [d for d in map(DeadLetter.model_validate_json, await read_all(env.bootstrap, topics.DEAD_LETTER.name))
+                if d.consumer_group != topics.GROUP_INFERENCE and (d.key or "").startswith(f"{run}-")]
 
     sessions = {r["request_id"]: r for r in await env.pool.fetch(
         "SELECT * FROM far_mesh_sessions WHERE request_id LIKE $1", f"{run}-%")}

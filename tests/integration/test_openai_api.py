@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
@@ -107,7 +108,8 @@ async def start(env, tiny_model_dir, *, gateways=2, workers=2, concurrency=2, ma
         generators = [EchoGenerator(delay) for _ in range(workers)]
         for g in generators:
             b = messaging.create_broker(env.bootstrap, topics.GROUP_INFERENCE, CollectorRegistry())
-            worker.register(b, g, MODEL, CollectorRegistry(), concurrency=concurrency)
+            worker.register(b, g, MODEL, CollectorRegistry(), reservations=PostgresReservations(env.pool),
+                            concurrency=concurrency)
             brokers.append(b)
         b = messaging.create_broker(env.bootstrap, topics.GROUP_LEDGER, CollectorRegistry())
         ledger.register(b, env.pool, CollectorRegistry())

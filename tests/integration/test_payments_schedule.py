@@ -23,7 +23,7 @@ from schemas import topics
 from schemas.events import PaymentBatchClosed
 from tests.support.consumers import running
 from tests.support.kafka import read_all, wait_caught_up
-from tests.support.money import money_env, outcome, producer
+from tests.support.money import money_env, outcome, producer, reserve_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,8 @@ async def test_due_weeks_close_in_order_once_and_are_timed(env):
     work = {W10: [outcome(f"{W10}-{i}", client.account_id, 3 + i, week_start(W10) + timedelta(hours=5 + i),
                           peers=[(ALPHA, 0, 2), (BETA, 2, 4)]) for i in range(3)],
             W11: [outcome(f"{W11}-0", client.account_id, 4, week_start(W11) + timedelta(days=2), peers=[(BETA, 0, 4)])]}
+    for o in work[W10] + work[W11]:  # what the gateway reserved for each request
+        await reserve_for(env.pool, client.key, o)
     broker = await producer(env.bootstrap)
     try:
         async with running(env.bootstrap, {topics.GROUP_PAYMENTS: lambda b, r: payments.register(b, env.pool, r)}):

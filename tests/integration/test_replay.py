@@ -10,6 +10,7 @@ import pytest
 from aiokafka.errors import KafkaError
 
 from consumers.inference import consumer as worker
+from consumers.inference.repository import PostgresReservations
 from consumers.ledger import consumer as ledger
 from consumers.payments import consumer as payments
 from farmesh.billing import accounts
@@ -30,7 +31,8 @@ MODEL = "tiny"
 async def env(tmp_path_factory, postgres_admin_url):
     async with money_env(tmp_path_factory.mktemp("replay"), postgres_admin_url) as e:
         groups = {
-            topics.GROUP_INFERENCE: lambda b, r: worker.register(b, ScriptedGenerator(), MODEL, r),
+            topics.GROUP_INFERENCE: lambda b, r: worker.register(b, ScriptedGenerator(), MODEL, r,
+                                                          reservations=PostgresReservations(e.pool)),
             topics.GROUP_LEDGER: lambda b, r: ledger.register(b, e.pool, r),
             topics.GROUP_PAYMENTS: lambda b, r: payments.register(b, e.pool, r),
         }
@@ -68,7 +70,8 @@ async def test_replay_rebuilds_the_ledger_and_verify_finds_every_difference(env,
     try:
         for value in await read_all(env.bootstrap, topics.SESSIONS.name):
             await p.publish(value, topics.SESSIONS.name)
-        rerun = outcome(f"{run}-0", issued.account_id, 1, datetime.now(timezone.utc))
+        # at the reserved price and fee rate: acceptable, and it loses to the first outcome
+        rerun = outcome(f"{run}-0", issued.account_id, 1, datetime.now(timezone.utc), fee=Decimal("0.1"))
         stranger = outcome(f"{run}-stranger", uuid.uuid4(), 2, datetime.now(timezone.utc))
         for o in (rerun, stranger):
             await p.publish(o, topics.SESSIONS.name, key=o.request_id.encode())

@@ -1,7 +1,8 @@
 """An in-memory `PayableStore` and `WeeklyBatches` (consumers/payments/ports.py) for the payments unit tests.
 
 They keep the adapter's contract, not its SQL: the acceptance rule (the real, pure farmesh/billing/acceptance.py)
-judged on the facts held here, the first accepted outcome of a request wins; a week closes once (closing it again
+judged on the facts held here (client accounts, the gateway's reservations, the winners recorded, contribution ids),
+the first accepted outcome of a request wins; a week closes once (closing it again
 returns the same batch) and in order, its lines paying each wallet's open work of that week or earlier. (The
 minimum payout and the carry-over are the adapter's, tested on PostgreSQL: here every wallet is paid.)
 """
@@ -14,14 +15,18 @@ from uuid import UUID
 
 from consumers.payments.ports import Closed, Payable, Recorded
 from consumers.payments.repository import PaymentsError, iso_week
-from farmesh.billing.acceptance import reasons_for
+from db.views.acceptance import Facts
+from db.views.reservations import Reservation
+from farmesh.billing.acceptance import judge
 from schemas import money
 from schemas.events import PaymentBatchClosed, PaymentLine, SessionOutcome
 
 
 class FakePayments:
-    def __init__(self, clients: Iterable[UUID] = (), wallets: Mapping[str, str] | None = None) -> None:
+    def __init__(self, clients: Iterable[UUID] = (), wallets: Mapping[str, str] | None = None,
+                 reservations: Iterable[Reservation] = ()) -> None:
         self.clients = set(clients)                        # the known client accounts
+        self.reservations = {r.request_id: r for r in reservations}  # what the gateway reserved, by request
         self.wallets = dict(wallets or {})                 # peer_id -> payout wallet, as the registry knows it
         self.sessions: dict[str, SessionOutcome] = {}      # request_id -> the outcome paid for it
         self.items: dict[UUID, tuple[str, str, Decimal, str]] = {}  # contribution_id -> request, peer, amount, week
@@ -30,13 +35,18 @@ class FakePayments:
         self.batches: list[list[SessionOutcome]] = []       # what each record_payable() was given
         self.fail: Exception | None = None                 # raised by the next record_payable()
 
+    def reserve(self, *reservations: Reservation) -> None:
+        self.reservations.update({r.request_id: r for r in reservations})
+
     async def record_payable(self, outcomes: Sequence[SessionOutcome]) -> Payable:
         self.batches.append(list(outcomes))
         if self.fail is not None:
             raise self.fail
         owners = {cid: request for cid, (request, *_) in self.items.items()}
-        rejected = reasons_for(outcomes, self.clients, owners)
-        new = [o for i, o in enumerate(outcomes) if i not in rejected and o.request_id not in self.sessions
+        verdict = judge(outcomes, Facts(dict(self.reservations), {rid: {o.event_id} for rid, o in self.sessions.items()},
+                                        set(self.clients), owners))
+        rejected = verdict.rejected
+        new = [o for o in verdict.accepted(outcomes) if o.request_id not in self.sessions
                and self.sessions.setdefault(o.request_id, o) is o]
         for o in new:
             self.items.update({c.contribution_id: (o.request_id, c.peer_id, c.earnings_far, iso_week(o.finished_at))

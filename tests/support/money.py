@@ -21,7 +21,8 @@ from farmesh.kafka import messaging
 from schemas import money
 from consumers.inference.generation import SpanWork
 from farmesh.billing.pricing import Work, fee_rate_units, settlement
-from schemas.events import Contribution, InferenceCompleted, InferenceFailed, SessionOutcome
+from db.views.reservations import Reservation
+from schemas.events import Contribution, InferenceCompleted, InferenceFailed, InferenceRequested, SessionOutcome
 
 
 @dataclass
@@ -140,6 +141,24 @@ async def reserve_for(pool: asyncpg.Pool, key: str, o: SessionOutcome, max_token
     """The gateway's reservation for an outcome the test publishes itself."""
     await accounts.reserve(pool, f"Bearer {key}", accounts.Reservation(
         o.request_id, o.model, max_tokens or max(10, o.completion_tokens), o.price_per_token, o.platform_fee_rate))
+
+
+async def hold(pool: asyncpg.Pool | asyncpg.Connection, *outcomes: SessionOutcome, max_tokens: int | None = None) -> None:
+    """The gateway's open reservation for each outcome's request, inserted as far_reserve inserts it (for an account
+    a test made without an API key; with a key, `reserve_for` goes through the gateway's own path)."""
+    rows = [(r.request_id, r.account_id, r.model, r.max_tokens, r.price_per_token, r.platform_fee_rate, r.amount)
+            for r in (reservation_for(o, max_tokens) for o in outcomes)]
+    await pool.executemany(
+        "INSERT INTO far_reservations (request_id, account_id, model, max_tokens, price_per_token, platform_fee_rate, "
+        "amount) VALUES ($1, $2, $3, $4, $5, $6, $7)", rows)
+
+
+def reservation_for(o: SessionOutcome | InferenceRequested, max_tokens: int | None = None) -> Reservation:
+    """The open reservation the gateway would have made for an outcome's (or a request's) request, as
+    far_reservations holds it: for the in-memory ports of the unit tests."""
+    tokens = max_tokens or (o.max_tokens if isinstance(o, InferenceRequested) else max(10, o.completion_tokens))
+    return Reservation(o.request_id, o.account_id, o.model, tokens, o.price_per_token, o.platform_fee_rate,
+                       money.to_far(tokens * money.to_base_units(o.price_per_token)), "open")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -18,7 +18,7 @@ from farmesh.runtime.serving import DatabaseWait
 from schemas import topics
 from schemas.events import DeadLetter
 from tests.support.fakes_ledger import FakeLedger
-from tests.support.money import outcome
+from tests.support.money import outcome, reservation_for
 
 CLIENT = uuid.UUID("7b0e1b1e-0000-4000-8000-0000000ed9e1")
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
@@ -53,8 +53,8 @@ async def publish(broker, *events) -> None:
 
 
 async def test_a_valid_outcome_is_recorded_once():
-    store, registry = FakeLedger([CLIENT]), CollectorRegistry()
     good = session()
+    store, registry = FakeLedger([CLIENT], [reservation_for(good)]), CollectorRegistry()
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
         await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
@@ -68,8 +68,8 @@ async def test_a_valid_outcome_is_recorded_once():
 
 
 async def test_a_redelivered_duplicate_is_not_recorded_twice():
-    store, registry = FakeLedger([CLIENT]), CollectorRegistry()
     good, rerun = session(), session(tokens=2)  # rerun: the same request ran again
+    store, registry = FakeLedger([CLIENT], [reservation_for(good)]), CollectorRegistry()
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
         await publish(br, good, good)          # delivered twice in one batch
@@ -86,7 +86,7 @@ async def test_a_redelivered_duplicate_is_not_recorded_twice():
     (lambda o: o.model_copy(update={"account_id": uuid.uuid4()}), "not settled: unknown client account"),
 ], ids=["money", "account"])
 async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_and_not_recorded(tamper, reason):
-    store, registry = FakeLedger([CLIENT]), CollectorRegistry()
+    store, registry = FakeLedger([CLIENT], [reservation_for(session(1)), reservation_for(session(2))]), CollectorRegistry()
     bad, good = tamper(session(1)), session(2)
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
@@ -132,3 +132,64 @@ async def test_a_failed_write_waits_for_the_database_then_rewinds_the_batch():
             await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
         group.dead_letters.mock.assert_not_called()
     assert probes == ["SELECT 1"] and store.sessions == {}
+
+
+OTHER = uuid.UUID("7b0e1b1e-0000-4000-8000-0000000e07e2")  # another real client
+
+
+def shifted(o, base_units: int = 1):
+    """`o` with one base unit moved from its last contribution to its first: the sums still add up, the split does
+    not (an inflated share for one peer)."""
+    first, *middle, last = o.contributions
+    step = Decimal(base_units) / 10**18
+    return o.model_copy(update={"contributions": [first.model_copy(update={"earnings_far": first.earnings_far + step}),
+                                                  *middle, last.model_copy(update={"earnings_far": last.earnings_far - step})]})
+
+
+# Each forgery of an outcome of the reserved request `ledger-unit-7` (CLIENT, 10 tokens at 0.0001, fee rate 0.05),
+# and the start of the reason it is dead-lettered with.
+FORGERIES = {
+    "made-up request id": (lambda: outcome("ledger-unit-made-up", CLIENT, 4, T0, fee=Decimal("0.05")),
+                           "not settled: no reservation for request ledger-unit-made-up"),
+    "another account": (lambda: outcome("ledger-unit-7", OTHER, 4, T0, fee=Decimal("0.05")),
+                        f"not settled: request ledger-unit-7 was reserved by account {CLIENT}, not {OTHER}"),
+    "100x the price": (lambda: outcome("ledger-unit-7", CLIENT, 4, T0, fee=Decimal("0.05"), price=Decimal("0.01")),
+                       "not settled: outcome price_per_token 0.01 != the reserved 0.0001"),
+    "another fee rate": (lambda: outcome("ledger-unit-7", CLIENT, 4, T0, fee=Decimal("0")),
+                         "not settled: outcome platform_fee_rate 0 != the reserved 0.05"),
+    "cost above the reservation": (lambda: outcome("ledger-unit-7", CLIENT, 11, T0, fee=Decimal("0.05")),
+                                   "not settled: outcome 11 tokens > the 10 reserved"),
+    "inflated share": (lambda: shifted(outcome("ledger-unit-7", CLIENT, 4, T0, fee=Decimal("0.05"))),
+                       "not settled: contributions are not the pricing rule's split of their spans"),
+}
+
+
+@pytest.mark.parametrize("forge", FORGERIES.values(), ids=FORGERIES.keys())
+async def test_an_outcome_that_does_not_match_its_reservation_is_dead_lettered_and_moves_nothing(forge):
+    make, reason = forge
+    reserved = outcome("ledger-unit-7", CLIENT, 10, T0, fee=Decimal("0.05"))
+    store, registry = FakeLedger([CLIENT, OTHER], [reservation_for(reserved, max_tokens=10)]), CollectorRegistry()
+    forged = make()
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
+        await publish(br, forged)
+        group.dead_letters.mock.assert_called_once()
+        (letter,) = letters(group)
+    assert letter.reason.startswith(reason), letter.reason
+    assert letter.payload == forged.model_dump_json()
+    assert store.sessions == {} and store.owners == {}
+    assert store.reservations["ledger-unit-7"].status == "open"
+    assert counted(registry, "rejected_outcomes_total") == 1 and counted(registry, "sessions_recorded_total") == 0
+
+
+async def test_the_honest_outcome_still_settles_after_a_forged_one_was_refused():
+    honest = session(8)
+    forged = shifted(session(8))
+    store, registry = FakeLedger([CLIENT], [reservation_for(honest)]), CollectorRegistry()
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
+        await publish(br, forged, honest)
+        (letter,) = letters(group)
+    assert letter.reason.startswith("not settled: contributions are not the pricing rule's split")
+    assert store.sessions == {honest.request_id: honest}
+    assert store.reservations[honest.request_id].settlement_txn == honest.event_id

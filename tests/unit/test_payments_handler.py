@@ -20,7 +20,7 @@ from farmesh.runtime.serving import DatabaseWait
 from schemas import topics
 from schemas.events import DeadLetter
 from tests.support.fakes_payments import FakePayments
-from tests.support.money import outcome
+from tests.support.money import outcome, reservation_for
 
 CLIENT = uuid.UUID("7b0e1b1e-0000-4000-8000-0000000ea7e5")
 W10, W11, W12 = "2025-W10", "2025-W11", "2025-W12"
@@ -59,8 +59,8 @@ async def publish(broker, *events) -> None:
 
 
 async def test_a_valid_outcome_is_recorded_once():
-    store, registry = FakePayments([CLIENT]), CollectorRegistry()
     good = session()
+    store, registry = FakePayments([CLIENT], reservations=[reservation_for(good)]), CollectorRegistry()
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
         await messaging.publish(br, topics.SESSIONS.name, good, good.request_id)
@@ -72,8 +72,8 @@ async def test_a_valid_outcome_is_recorded_once():
 
 
 async def test_a_redelivered_duplicate_is_not_recorded_twice():
-    store, registry = FakePayments([CLIENT]), CollectorRegistry()
     good, rerun = session(), session(tokens=2)  # rerun: the same request ran again (other contributions)
+    store, registry = FakePayments([CLIENT], reservations=[reservation_for(good)]), CollectorRegistry()
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
         await publish(br, good, good)
@@ -90,7 +90,7 @@ async def test_a_redelivered_duplicate_is_not_recorded_twice():
     (lambda o: o.model_copy(update={"account_id": uuid.uuid4()}), "not payable: unknown client account"),
 ], ids=["money", "account"])
 async def test_an_outcome_that_does_not_add_up_is_dead_lettered_with_its_reason_and_not_recorded(tamper, reason):
-    store, registry = FakePayments([CLIENT]), CollectorRegistry()
+    store, registry = FakePayments([CLIENT], reservations=[reservation_for(session(n)) for n in (1, 2)]), CollectorRegistry()
     good, bad = session(1), tamper(session(2))
     broker, group = build(store, registry)
     async with TestKafkaBroker(broker) as br:
@@ -135,8 +135,8 @@ async def test_a_failed_write_waits_for_the_database_then_rewinds_the_batch():
 
 
 async def test_the_weekly_close_publishes_each_due_batch_once_in_order_on_the_declared_publisher():
-    store, registry = FakePayments([CLIENT], WALLETS), CollectorRegistry()
     w10, w11 = session(1, week=W10), session(2, week=W11)
+    store, registry = FakePayments([CLIENT], WALLETS, [reservation_for(w10), reservation_for(w11)]), CollectorRegistry()
     broker, group = build(store)
     closer = WeeklyClose(store, group.batch_closed, registry, grace=600.0, min_payout=0)  # the bound router's
     async with TestKafkaBroker(broker) as br:
@@ -154,3 +154,25 @@ async def test_the_weekly_close_publishes_each_due_batch_once_in_order_on_the_de
         assert await closer.close_due(week_start("2025-W13") + timedelta(days=3)) == []
         assert group.batch_closed.mock.call_count == 3
     assert registry.get_sample_value("farmesh_payments_batch_lines_total") == 4  # two wallets, two weeks with work
+
+
+async def test_a_forged_outcome_is_not_payable_and_the_reserved_one_is():
+    """Work is payable only for what the gateway reserved, split as the pricing rule splits it: an outcome of a
+    request nobody reserved, or with one node's share inflated, is dead-lettered and pays nobody."""
+    honest = session(3)
+    first, last = honest.contributions
+    inflated = honest.model_copy(update={"event_id": uuid.uuid4(), "contributions": [
+        first.model_copy(update={"contribution_id": uuid.uuid4(), "earnings_far": first.earnings_far + last.earnings_far}),
+        last.model_copy(update={"contribution_id": uuid.uuid4(), "earnings_far": Decimal(0)})]})
+    unreserved = session(4)
+    store, registry = FakePayments([CLIENT], WALLETS, [reservation_for(honest)]), CollectorRegistry()
+    broker, group = build(store, registry)
+    async with TestKafkaBroker(broker) as br:
+        await publish(br, inflated, unreserved, honest)
+        reasons = [letter.reason for letter in letters(group)]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("not payable: contributions are not the pricing rule's split of their spans")
+    assert reasons[1].startswith(f"not payable: no reservation for request {unreserved.request_id}")
+    assert store.sessions == {honest.request_id: honest}
+    assert set(store.items) == {c.contribution_id for c in honest.contributions}
+    assert (counted(registry, "rejected_outcomes_total"), counted(registry, "sessions_recorded_total")) == (2, 1)

@@ -1,4 +1,5 @@
-"""The inference handler on FastStream's in-memory broker, with a fake generator."""
+"""The inference handler on FastStream's in-memory broker, with a fake generator and an in-memory `Reservations`
+port (what the gateway reserved)."""
 from __future__ import annotations
 
 import uuid
@@ -10,6 +11,7 @@ from faststream.kafka import KafkaBroker, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
 from consumers.inference import consumer as worker
+from db.views.reservations import Reservation
 from farmesh.kafka import messaging
 from consumers.inference.generation import SpanWork
 from schemas import topics
@@ -80,9 +82,31 @@ class Seen:
                    [DeadLetter.model_validate(b) for b in bodies(router.dead_letters)])
 
 
-def build(generator) -> tuple[KafkaBroker, worker.InferenceRouter]:
+class FakeReservations:
+    """The `Reservations` port in memory: request id -> the gateway's reservation."""
+
+    def __init__(self, *reservations: Reservation) -> None:
+        self.held = {r.request_id: r for r in reservations}
+        self.asked: list[str] = []
+
+    async def reservation(self, request_id: str) -> Reservation | None:
+        self.asked.append(request_id)
+        return self.held.get(request_id)
+
+
+def reserved(r: InferenceRequested, **kw) -> Reservation:
+    """The open reservation the gateway made before publishing `r` (`kw`: what differs)."""
+    terms = dict(request_id=r.request_id, account_id=r.account_id, model=r.model, max_tokens=r.max_tokens,
+                 price_per_token=r.price_per_token, platform_fee_rate=r.platform_fee_rate,
+                 amount=r.max_tokens * r.price_per_token, status="open")
+    return Reservation(**{**terms, **kw})
+
+
+def build(generator, *reservations: Reservation) -> tuple[KafkaBroker, worker.InferenceRouter]:
+    """A worker on the in-memory broker; by default the gateway reserved exactly `request()`."""
     broker = messaging.create_broker("127.0.0.1:1", "inference", CollectorRegistry())
-    return broker, worker.register(broker, generator, MODEL, CollectorRegistry(), worker_name="w1")
+    port = FakeReservations(*(reservations or (reserved(request()),)))
+    return broker, worker.register(broker, generator, MODEL, CollectorRegistry(), reservations=port, worker_name="w1")
 
 
 def request(**kw) -> InferenceRequested:
@@ -117,9 +141,10 @@ async def test_streams_tokens_then_settles_exactly():
 
 
 async def test_platform_fee_is_taken_before_the_nodes_split():
-    broker, router = build(FakeGenerator())
+    asked = request(platform_fee_rate=Decimal("0.1"))
+    broker, router = build(FakeGenerator(), reserved(asked))
     async with TestKafkaBroker(broker) as br:
-        await br.publish(request(platform_fee_rate=Decimal("0.1")), topics.REQUESTS.name, key=b"r-1")
+        await br.publish(asked, topics.REQUESTS.name, key=b"r-1")
         seen = Seen.of(router)
     outcome = seen.sessions[0]
     assert outcome.cost_far == Decimal("0.0003") and outcome.platform_fee_far == Decimal("0.00003")
@@ -139,9 +164,10 @@ async def test_failure_charges_only_delivered_tokens():
 
 
 async def test_wrong_model_fails_without_charge():
-    broker, router = build(FakeGenerator())
+    asked = request(model="other")  # reserved for that model by a gateway that serves it, sent to this worker
+    broker, router = build(FakeGenerator(), reserved(asked))
     async with TestKafkaBroker(broker) as br:
-        await br.publish(request(model="other"), topics.REQUESTS.name, key=b"r-1")
+        await br.publish(asked, topics.REQUESTS.name, key=b"r-1")
         seen = Seen.of(router)
     outcome = seen.sessions[0]
     assert isinstance(outcome, InferenceFailed) and outcome.cost_far == 0 and outcome.contributions == []
@@ -187,9 +213,9 @@ async def test_a_request_picked_up_after_its_deadline_is_expired_not_run_nor_cha
             calls.append(args)
             return super().generate_stream(*args, **kw)
 
-    broker, router = build(Recording())
+    late = request(deadline=datetime.now(timezone.utc) - timedelta(seconds=5))
+    broker, router = build(Recording(), reserved(late))
     async with TestKafkaBroker(broker) as br:
-        late = request(deadline=datetime.now(timezone.utc) - timedelta(seconds=5))
         await br.publish(late, topics.REQUESTS.name, key=b"r-1")
         seen = Seen.of(router)
     outcome = seen.sessions[0]
@@ -212,10 +238,11 @@ async def test_sampling_and_the_request_id_reach_the_generator():
             return super().generate_stream(prompt, max_new_tokens, on_token)
 
     sampling = Sampling(temperature=0.7, top_p=0.9, top_k=5, seed=11, stop=["\n"])
-    broker, router = build(Recording())
+    soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+    asked = request(sampling=sampling, deadline=soon)
+    broker, router = build(Recording(), reserved(asked))
     async with TestKafkaBroker(broker) as br:
-        soon = datetime.now(timezone.utc) + timedelta(seconds=60)
-        await br.publish(request(sampling=sampling, deadline=soon), topics.REQUESTS.name, key=b"r-1")
+        await br.publish(asked, topics.REQUESTS.name, key=b"r-1")
         seen = Seen.of(router)
     assert got == {"sampling": sampling, "seed_key": "r-1"}
     assert isinstance(seen.sessions[0], InferenceCompleted)
@@ -223,15 +250,64 @@ async def test_sampling_and_the_request_id_reach_the_generator():
 
 async def test_replies_go_to_the_reply_topic_the_request_names():
     """Each gateway reads its own reply topic: the declared `replies` publisher sends to the request's."""
-    broker, router = build(FakeGenerator())
     own = topics.reply_topic("gw-7")
+    asked = request(reply_topic=own)
+    broker, router = build(FakeGenerator(), reserved(asked))
 
     @broker.subscriber(own)  # the gateway gw-7
     async def gateway(body: dict) -> None: ...
 
     async with TestKafkaBroker(broker) as br:
-        await br.publish(request(reply_topic=own), topics.REQUESTS.name, key=b"r-1")
+        await br.publish(asked, topics.REQUESTS.name, key=b"r-1")
         got = [reply_event_adapter.validate_python(c.args[0]) for c in gateway.mock.call_args_list]
         assert not router.replies.mock.called  # nothing on the family's bare name
     assert [e.text for e in got if isinstance(e, TokenChunk)] == ["Hel", "lo", "!"]
     assert isinstance(got[-1], StreamEnded) and got[-1].status == "completed"
+
+
+OTHER_ACCOUNT = uuid.UUID("7b0e1b1e-0000-4000-8000-0000000e07e2")
+
+# (what the gateway reserved for r-1, what arrives on the requests topic, the start of the dead letter's reason)
+REFUSED = {
+    "no reservation": (None, request(), "not run: no reservation for request r-1"),
+    "100x the price": (reserved(request()), request(price_per_token=Decimal("0.01")),
+                       "not run: request price_per_token 0.01 != the reserved 0.0001"),
+    "another account": (reserved(request()), request(account_id=OTHER_ACCOUNT),
+                        f"not run: request r-1 was reserved by account {ACCOUNT}, not {OTHER_ACCOUNT}"),
+    "another model": (reserved(request(), model="big"), request(),
+                      "not run: request r-1 was reserved for model 'big', not 'tiny'"),
+    "another fee rate": (reserved(request()), request(platform_fee_rate=Decimal("0.5")),
+                         "not run: request platform_fee_rate 0.5 != the reserved 0"),
+    "more tokens than reserved": (reserved(request()), request(max_tokens=30), "not run: request 30 tokens > the 3 reserved"),
+    "more than the amount held": (reserved(request(), amount=Decimal("0.0002")), request(),
+                                  "not run: request may cost 0.0003 > the reserved 0.0002"),
+    "already settled": (reserved(request(), status="settled", settlement_txn=uuid.uuid4()), request(),
+                        "not run: the reservation of request r-1 is settled: it is not run again"),
+    "released by an operator": (reserved(request(), status="released", reason="operator"), request(),
+                                "not run: the reservation of request r-1 is released (operator)"),
+}
+
+
+@pytest.mark.parametrize("held, asked, reason", REFUSED.values(), ids=REFUSED.keys())
+async def test_a_request_that_matches_no_open_reservation_is_dead_lettered_not_run_nor_charged(held, asked, reason):
+    calls: list = []
+
+    @dataclass
+    class Recording(FakeGenerator):
+        def generate_stream(self, *args, **kw):
+            calls.append(args)
+            return super().generate_stream(*args, **kw)
+
+    broker = messaging.create_broker("127.0.0.1:1", "inference", CollectorRegistry())
+    port, registry = FakeReservations(*([held] if held else [])), CollectorRegistry()
+    router = worker.register(broker, Recording(), MODEL, registry, reservations=port, worker_name="w1")
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(asked, topics.REQUESTS.name, key=b"r-1")
+        seen = Seen.of(router)
+    assert port.asked == ["r-1"] and calls == []
+    assert seen.sessions == [] and seen.replies == []  # no outcome (nothing charged), nothing streamed
+    (letter,) = seen.dead
+    assert letter.reason.startswith(reason), letter.reason
+    assert (letter.consumer_group, letter.original_topic, letter.key) == (topics.GROUP_INFERENCE, topics.REQUESTS.name, "r-1")
+    assert letter.payload == asked.model_dump_json()
+    assert registry.get_sample_value("farmesh_worker_refused_requests_total") == 1
