@@ -4,7 +4,8 @@ Batches of session events are written in one database transaction (sessions, con
 balanced postings that debit the client and credit the nodes and the platform fee, the reservations
 closed); the Kafka offsets are committed only after that commit (a failed write rewinds the batch for
 redelivery). Writes are keyed by event ids, so replaying the topic changes nothing. Outcomes whose money
-does not add up, or that name no client account, are dead-lettered (farmesh/billing/acceptance.py).
+does not add up, that name no client account, or that do not match the reservation the gateway made for their
+request (its terms, the pricing rule's split) are dead-lettered with the reason (farmesh/billing/acceptance.py).
 
 The group is a FastStream `KafkaRouter` (`LedgerRouter`): its subscriber on the sessions topic and the publisher
 it declares for what it emits (dead letters). The handler is a plain function; what it needs (its `LedgerStore`

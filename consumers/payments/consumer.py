@@ -1,9 +1,10 @@
 """Consumer group `payments`: the work to pay, per ISO week, read from the sessions topic.
 
 It consumes farmesh.sessions independently of the ledger and applies the ledger's rule
-(farmesh/billing/acceptance.py): the first accepted outcome of a request_id wins. Both groups read each
-partition in the same order, so they pick the same outcome and the payments group pays exactly the work
-the ledger credits. It uses the contributions embedded in that outcome, not the NodeContribution events:
+(farmesh/billing/acceptance.py): an outcome counts only if it matches its request's reservation, and the
+first accepted outcome of a request_id wins (or the one the ledger already recorded). Both groups read each
+partition in the same order and see each other's choice, so they pick the same outcome and the payments
+group pays exactly the work the ledger credits. It uses the contributions embedded in that outcome, not the NodeContribution events:
 those are also published for a losing rerun of a redelivered request, and are for analytics consumers.
 
 Each consumer batch is written in one database transaction; offsets are committed after that commit.

@@ -28,15 +28,17 @@ The states of a reservation, and what each admits:
   the payments group and a replay, which may judge it after the ledger closed the reservation, accept it (and
   only it).
 - released with NO outcome (withdrawn: `farmesh keys release`, or the gateway could not queue the request): no
-  outcome is accepted, unless a group had already recorded it as the winner while the reservation was still open
+  outcome is accepted, unless a group had already recorded one as the winner while the reservation was still open
   (an outcome can be published before the release and reach one group before it and the other after it). Then
-  every consumer accepts that one, so the groups never part ways; the ledger settles the reservation with it. The
-  row locks of db/views/acceptance.py make a release wait for a group that is judging the request.
+  that one wins for every consumer, as for any request with a recorded winner, so the groups never part ways; the
+  ledger settles the reservation with it (the client pays for work that was done, within what was held). The row
+  locks of db/views/acceptance.py make a release wait for a group that is judging the request.
 """
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Sequence
 from uuid import UUID
 
@@ -76,18 +78,18 @@ def money_problem(o: SessionOutcome) -> str | None:
     return None
 
 
-def _terms_problem(what: str, request_id: str, r: Reservation, account_id: UUID, model: str, price: object,
-                   fee_rate: object, tokens: int) -> str | None:
+def _terms_problem(what: str, request_id: str, r: Reservation, account_id: UUID, model: str, price: Decimal,
+                   fee_rate: Decimal, tokens: int) -> str | None:
     """Why `what` (a request or an outcome of `request_id`) does not keep to the terms of its reservation."""
     if account_id != r.account_id:
         return f"request {request_id} was reserved by account {r.account_id}, not {account_id}"
     if model != r.model:
         return f"request {request_id} was reserved for model {r.model!r}, not {model!r}"
     try:
-        if money.to_base_units(price) != money.to_base_units(r.price_per_token):  # type: ignore[arg-type]
-            return f"{what} price_per_token {price} != the reserved {money.text(r.price_per_token)}"
-        if fee_rate_units(fee_rate) != fee_rate_units(r.platform_fee_rate):  # type: ignore[arg-type]
-            return f"{what} platform_fee_rate {fee_rate} != the reserved {money.text(r.platform_fee_rate)}"
+        if money.to_base_units(price) != money.to_base_units(r.price_per_token):
+            return f"{what} price_per_token {money.text(price)} != the reserved {money.text(r.price_per_token)}"
+        if fee_rate_units(fee_rate) != fee_rate_units(r.platform_fee_rate):
+            return f"{what} platform_fee_rate {money.text(fee_rate)} != the reserved {money.text(r.platform_fee_rate)}"
     except ValueError as exc:
         return f"amount not exact: {exc}"
     if tokens > r.max_tokens:
@@ -118,7 +120,7 @@ def reservation_problem(o: SessionOutcome, r: Reservation | None, taken: Collect
         return ("contributions are not the pricing rule's split of their spans: earnings "
                 f"{[money.text(c.earnings_far) for c in o.contributions]} != "
                 f"{[money.text(money.to_far(s)) for s in due.shares]}")
-    if r.withdrawn and o.event_id not in taken:
+    if r.withdrawn and not taken:  # (had a group taken an outcome before the release, that one wins: see judge)
         return (f"the reservation of request {o.request_id} was released without an outcome"
                 f"{f' ({r.reason})' if r.reason else ''}: nothing may settle it")
     return None
