@@ -8,13 +8,14 @@ it the registry's online nodes to route through.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import TYPE_CHECKING
 
 import asyncpg
 from prometheus_client import CollectorRegistry
 
 from farmesh.kafka import messaging
-from farmesh.runtime.serving import consumer_app, serve
+from farmesh.runtime.serving import DatabaseWait, consumer_app, serve
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
@@ -48,6 +49,9 @@ async def _serve_with(client: MeshClient, settings: Settings, host: str, port: i
     # One reservation lookup per request (each of `concurrency` generations at a time), plus the route refresh.
     pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1,
                                      max_size=max(2, settings.worker_concurrency + 1))
+    # A request whose reservation cannot be read (the database is away) waits for the database, then is rewound
+    # and read again: not refused, not run unchecked, and no retry storm (added before the group: it covers it).
+    broker.add_middleware(partial(DatabaseWait, pool=pool))
     worker.register(broker, client, settings.model_name, registry, reservations=PostgresReservations(pool),
                     concurrency=settings.worker_concurrency, fetch_wait_ms=settings.latency_fetch_wait_ms)
     # Prefer routes through the nodes the registry knows as online (they are the ones that get paid).
