@@ -37,7 +37,7 @@ unit: install
 	$(BIN)/pytest -ra tests/unit
 
 # Benchmarks (bench/README.md), one after the other; each ends with `ratio=X`. Results: bench/RESULTS.md.
-BENCHES := gateway_vs_direct ledger_ingest replay_rate payments_close
+BENCHES := gateway_vs_direct ledger_ingest replay_rate payments_close gateway_hostile
 bench: install
 	@set -e; for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b; done
 

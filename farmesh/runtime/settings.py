@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # charged nothing); clients may ask for less or more, up to max_request_deadline.
     request_deadline: float = Field(default=120.0, gt=0)
     max_request_deadline: float = Field(default=3600.0, gt=0)
+    # Gateway: the largest request body it reads (bytes); a larger one is refused with 413 as it arrives. 2 MiB
+    # holds any valid request: 100,000 prompt characters, even each written as a \u escape pair (12 bytes).
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
     @field_validator("initial_peers", mode="before")
     @classmethod

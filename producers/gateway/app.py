@@ -14,7 +14,9 @@ back on this gateway's own reply topic, farmesh.inference.replies.<gateway id>, 
 number of gateways run side by side and every stream reaches the client that asked.
 
 This module only composes: the pool and the broker (opened in the lifespan), their adapters
-(producers.gateway.ports), the reply streams, the Submitter, the routers, metrics, /health and the error handlers.
+(producers.gateway.ports), the reply streams, the Submitter, the routers, metrics, /health, the body limit
+(producers.gateway.guard) and the error handlers: every refusal in its API's shape (producers.gateway.errors),
+an invalid body included, quoting none of the input.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
@@ -33,8 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farmesh.kafka import messaging
 from farmesh.runtime.settings import Settings
-from producers.gateway import discovery, native_api, openai_api
+from producers.gateway import discovery, errors, native_api, openai_api
 from producers.gateway.discovery import LiveCoverage
+from producers.gateway.guard import BodyLimit
 from producers.gateway.ports import KafkaPublisher, PostgresAccounts
 from producers.gateway.streams import ReplyStreams
 from producers.gateway.submit import Metrics, RouteCheck, Submitter, Tokenizer
@@ -82,13 +84,14 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
         try:
             yield
         finally:
-            await submitter.drain()
+            await submitter.drain()  # and stops its prompt pool
             await state["pool"].close()
             await broker.stop()
 
     app = FastAPI(title="Far Mesh gateway", version="0.2.0", lifespan=lifespan,
                   description="Pay-per-token generation on the Far Mesh Petals swarm: a native SSE API and an "
                               "OpenAI-compatible one (/v1). Authenticate with `Authorization: Bearer <farmesh key>`.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.mount("/metrics", make_asgi_app(registry))
     # Discovery (node registry): /api/nodes, /api/nodes/{peer_id}, /api/swarm and the /status page.
     app.include_router(discovery.router(pool, settings.model_name, live_coverage))
@@ -97,16 +100,17 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):
+        # Never FastAPI's default: it echoes the whole input, and cannot encode a NaN or a lone surrogate (a 500).
+        if errors.is_openai(request.url.path):
             return openai_api.validation_response(exc)
-        return await request_validation_exception_handler(request, exc)
+        found = exc.errors()
+        items = errors.problems(found)
+        return errors.response(request.url.path, 422, errors.summary(items, len(found) - len(items)),
+                               "invalid_request", errors=items)
 
     @app.exception_handler(StarletteHTTPException)  # Starlette's: also what FastAPI raises for an unparsable body
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):
-            return JSONResponse(openai_api.error_body(exc.status_code, str(exc.detail), None),
-                                status_code=exc.status_code, headers=getattr(exc, "headers", None))
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return errors.response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -8,6 +8,9 @@ transformers) is prompted with it. Otherwise (the tiny demo model, transformers 
     Assistant: <content>
     ...
     Assistant:                  (the model continues from here)
+
+Rendering runs off the event loop, and only for an authenticated request (producers.gateway.submit); the
+messages are bounded before (producers.gateway.guard: count and total size).
 """
 from __future__ import annotations
 
@@ -19,14 +22,17 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
+from producers.gateway.guard import MAX_PROMPT_CHARS
+
 Role = Literal["system", "developer", "user", "assistant"]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send name, tool fields we do not use
+    # OpenAI clients may send name, tool fields we do not use; strict: content is a string, not a list of parts.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Role
-    content: str = Field(max_length=100_000)
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 _LABELS = {"user": "User", "assistant": "Assistant"}
@@ -40,6 +46,10 @@ def default_prompt(messages: Sequence[ChatMessage]) -> str:
         else:
             parts.append(f"{_LABELS[m.role]}: {m.content}\n")
     return "".join(parts) + "Assistant:"
+
+
+class Unrenderable(ValueError):
+    """The model's chat template refused the messages (its raise_exception, or a template error)."""
 
 
 def _raise_exception(message: str) -> None:
@@ -59,6 +69,9 @@ def render(messages: Sequence[ChatMessage], tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return default_prompt(messages)
-    return _compiled(template).render(
-        messages=[m.model_dump(include={"role", "content"}) for m in messages], add_generation_prompt=True,
-        bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")
+    try:
+        return _compiled(template).render(
+            messages=[m.model_dump(include={"role", "content"}) for m in messages], add_generation_prompt=True,
+            bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")
+    except jinja2.exceptions.TemplateError as exc:
+        raise Unrenderable(str(exc)[:200]) from None

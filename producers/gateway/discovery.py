@@ -18,21 +18,25 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from db.views import nodes as node_view
 from db.views.coverage import ModelHealth, model_health, swarm_health
+from producers.gateway.errors import NativeError
 from schemas import money
 
 log = logging.getLogger(__name__)
 
 State = Literal["joining", "online", "draining", "offline", "unknown"]
 LiveCoverage = Callable[[], Awaitable[Sequence[Any]]]  # farmesh.swarm.view.BlockCoverage items
+_TEXT = r"^[^\x00]*$"  # PostgreSQL text holds anything but NUL: a NUL is a 422 here, not a database error
+ModelName = Annotated[str | None, Query(max_length=256, pattern=_TEXT)]
+PeerIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=_TEXT)]
 
 
 def _json(value: Any, status_code: int = 200) -> JSONResponse:
@@ -57,20 +61,23 @@ def _model_json(health: ModelHealth) -> dict[str, Any]:
 def router(get_pool: Callable[[], asyncpg.Pool], own_model: str, live_coverage: LiveCoverage | None = None,
            live_timeout: float = 10.0) -> APIRouter:
     api = APIRouter(tags=["discovery"])
+    invalid: dict[int | str, dict[str, Any]] = {422: {"model": NativeError, "description": "invalid parameters"}}
 
-    @api.get("/api/nodes", summary="Registered nodes, optionally by model and state")
-    async def list_nodes(model: str | None = None, state: State | None = None) -> JSONResponse:
+    @api.get("/api/nodes", summary="Registered nodes, optionally by model and state", responses=invalid)
+    async def list_nodes(model: ModelName = None, state: State | None = None) -> JSONResponse:
         nodes = await node_view.list_nodes(get_pool(), model, state)
         return _json({"nodes": nodes, "count": len(nodes)})
 
-    @api.get("/api/nodes/{peer_id}", summary="One node: state, blocks, uptime, tokens served and earnings so far")
-    async def get_node(peer_id: str) -> JSONResponse:
+    @api.get("/api/nodes/{peer_id}", summary="One node: state, blocks, uptime, tokens served and earnings so far",
+             responses={**invalid, 404: {"model": NativeError, "description": "never sent a valid heartbeat "
+                                                                              "(with its unregistered_work, if any)"}})
+    async def get_node(peer_id: PeerIdPath) -> JSONResponse:
         node = await node_view.get_node(get_pool(), peer_id)
         if node is None:
             work = await node_view.unregistered_work(get_pool(), peer_id)
             detail = f"no node {peer_id!r} in the registry (it never sent a valid heartbeat)"
             if work["contributions"]:
-                return _json({"detail": detail, "unregistered_work": work}, status_code=404)
+                return _json({"error": "not_found", "detail": detail, "unregistered_work": work}, status_code=404)
             raise HTTPException(404, detail)
         return _json(node)
 

@@ -4,8 +4,9 @@ POST /api/inference/generate  {"prompt", "max_tokens", "request_id", sampling...
                               then `done` (with usage) or `error`. Needs `Authorization: Bearer KEY`.
 GET  /api/sessions/{id}       the recorded session and its contributions (from the ledger; the key's own)
 
-Refusals are JSON {"detail", "error", ...}; parameter errors are 422 like every other invalid body here (the
-OpenAI-compatible API, producers.gateway.openai_api, says 400 for the same refusals).
+Refusals are JSON {"error", "detail", ...} (producers.gateway.errors); parameter errors are 422 like every other
+invalid body here (the OpenAI-compatible API, producers.gateway.openai_api, says 400 for the same refusals).
+Types are strict: "10", true or 2.0 is not a max_tokens; the body is strict JSON (producers.gateway.guard).
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Header, HTTPException
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from farmesh.billing.accounts import Unauthorized
+from producers.gateway.errors import AsciiJSONResponse, NativeError, native_body
+from producers.gateway.guard import MAX_PROMPT_CHARS, JSONRoute
 from producers.gateway.ports import Accounts, Sessions
 from producers.gateway.submit import Ask, Finished, Live, Refused, Submitter, refusal
 from schemas import money
@@ -29,41 +31,50 @@ from schemas.events import RequestId, Sampling, StopSequence, TokenChunk
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: no "10" -> 10, true -> 1, 2.0 -> 2
 
-    prompt: str = Field(min_length=1, max_length=100_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: int = Field(default=100, ge=1)
     request_id: RequestId | None = Field(default=None, description="Idempotency key; default: the Idempotency-Key "
                                          "header, else a fresh id")
-    model: str | None = Field(default=None, description="Default: the model this gateway serves")
+    model: str | None = Field(default=None, min_length=1, max_length=256,
+                              description="Default: the model this gateway serves")
     temperature: float = Field(default=0.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0, le=100_000)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[StopSequence] = Field(default_factory=list, max_length=4)
-    deadline_seconds: float | None = Field(default=None, gt=0, description="Start within this many seconds or "
-                                           "never (expired, charged nothing); default FARMESH_REQUEST_DEADLINE")
+    deadline_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                           description="Start within this many seconds or never (expired, charged "
+                                           "nothing); default FARMESH_REQUEST_DEADLINE")
 
 
-def native_error(refused: Refused) -> JSONResponse:
+def native_error(refused: Refused) -> AsciiJSONResponse:
     # Parameter errors are 422 here, like every other invalid body of this API (OpenAI's API says 400).
     status = 422 if refused.status == 400 else refused.status
-    body = {"detail": refused.message, "error": refused.native, **refused.extra}
-    return JSONResponse(status_code=status, content=body, headers=refused.headers)
+    return AsciiJSONResponse(native_body(refused.native, refused.message, **refused.extra), status_code=status,
+                             headers=refused.headers)
+
+
+def _refusals(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses: each status refused with a NativeError body."""
+    return {status: {"model": NativeError, "description": text} for status, text in described.items()}
 
 
 def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIRouter:
-    api = APIRouter()
+    api = APIRouter(route_class=JSONRoute)
     model_name = submitter.settings.model_name
 
     @api.post("/api/inference/generate", response_class=EventSourceResponse,
               responses={200: {"description": "Server-Sent Events: token*, then done or error"},
-                         401: {"description": "missing, unknown or revoked API key"},
-                         402: {"description": "balance below max_tokens x price"},
-                         404: {"description": "unknown model"},
-                         409: {"description": "request_id used by another account"},
-                         422: {"description": "invalid body, or request_id reused with other parameters"},
-                         429: {"description": "the model's queue is full (see Retry-After)"}})
+                         **_refusals({401: "missing, unknown or revoked API key",
+                                      402: "balance below max_tokens x price (adds required_far, available_far)",
+                                      404: "unknown model", 409: "request_id used by another account",
+                                      413: "body larger than FARMESH_MAX_REQUEST_BYTES",
+                                      415: "body not JSON (Content-Type: application/json)",
+                                      422: "invalid body or parameters (adds errors), or request_id reused with "
+                                           "other parameters",
+                                      429: "the model's queue is full (see Retry-After)"})})
     async def generate(body: GenerateRequest = Body(openapi_examples={
                            "plan": {"summary": "the plan's request", "value": {
                                "prompt": "Hello, how are you?", "max_tokens": 20, "request_id": "test-001"}},
@@ -84,8 +95,10 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
             return native_error(refused)
         return EventSourceResponse(_relay(submitter, answer), ping=15)
 
-    @api.get("/api/sessions/{request_id}", responses={401: {"description": "missing, unknown or revoked API key"}})
-    async def get_session(request_id: str, authorization: str | None = Header(default=None)) -> Any:
+    @api.get("/api/sessions/{request_id}", responses=_refusals({
+        401: "missing, unknown or revoked API key", 404: "no such session of this key's account (yet)",
+        422: "not a request id"}))
+    async def get_session(request_id: RequestId, authorization: str | None = Header(default=None)) -> Any:
         try:
             client = await accounts.authenticate(authorization)
         except Unauthorized as exc:

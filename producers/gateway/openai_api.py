@@ -5,65 +5,71 @@ Streams are OpenAI's SSE chunks ending in `data: [DONE]`, with a usage chunk whe
 is set; errors are OpenAI's error JSON. The request id is the Idempotency-Key header when given (a repeated key
 returns the same completion, generated and charged once), else a fresh one; the response id embeds it.
 Extensions beyond OpenAI's parameters: top_k, and the X-Farmesh-Deadline header (seconds to start by).
+
+Parameters this mesh does not implement (tools, response_format other than text, logit_bias, top_logprobs, ...)
+are refused with OpenAI's 400 naming the parameter (`unsupported_parameter`), never silently ignored; other
+unknown parameters are ignored, as OpenAI's clients expect. Types are strict ("10", true or 2.0 is not a
+max_tokens) and the body is strict JSON (producers.gateway.guard).
 """
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Body, Header
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
-from producers.gateway import chat
+from producers.gateway import chat, errors
+from producers.gateway.errors import AsciiJSONResponse, ErrorBody
+from producers.gateway.guard import MAX_MESSAGES, MAX_PROMPT_CHARS, JSONRoute
 from producers.gateway.submit import Ask, Finished, Live, Refused, RouteCheck, Submitter
 from schemas.events import RequestId, Sampling, StreamEnded, TokenChunk
 
 # The request id rule of every event (schemas.events.RequestId), for the Idempotency-Key header.
 _REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-                404: "invalid_request_error", 409: "invalid_request_error", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "server_error", 504: "timeout"}
-
 
 # A session that did not complete, as the status of a whole (non-streamed) response.
 _FAILED_STATUS = {"failed": 502, "cancelled": 502, "expired": 504}
 
+error_body = errors.openai_body
 
-def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+# OpenAI parameters this mesh does not implement: a request that sets one (to anything but null) is refused.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "top_logprobs", "audio", "modalities", "prediction", "reasoning_effort",
+               "web_search_options")
+UNSUPPORTED_TEXT = ("suffix", "best_of")  # /v1/completions only
+_ACCEPTED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # what the mesh does anyway
 
 
-def refused_response(refused: Refused) -> JSONResponse:
-    return JSONResponse(error_body(refused.status, refused.message, refused.code, refused.param),
-                        status_code=refused.status, headers=refused.headers)
+def refused_response(refused: Refused) -> AsciiJSONResponse:
+    return AsciiJSONResponse(error_body(refused.status, refused.message, refused.code, refused.param),
+                             status_code=refused.status, headers=refused.headers)
 
 
-def validation_response(exc: RequestValidationError) -> JSONResponse:
-    """OpenAI answers a malformed body with 400 and names the first bad parameter."""
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    where = [str(p) for p in first.get("loc", ()) if p != "body"]
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errors[:5])
-    return JSONResponse(error_body(400, message or "invalid request", "invalid_value", ".".join(where) or None),
-                        status_code=400)
+def validation_response(exc: RequestValidationError) -> AsciiJSONResponse:
+    """OpenAI answers a malformed body with 400 and names the first bad parameter (no input quoted back)."""
+    found = exc.errors()
+    items = errors.problems(found)
+    return AsciiJSONResponse(error_body(400, errors.summary(items, len(found) - len(items)), "invalid_value",
+                                        errors.first_param(items)), status_code=400)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI parameters are ignored, as OpenAI's clients expect
+    # Unknown OpenAI parameters are kept aside (model_extra): ignored, as OpenAI's clients expect, unless they
+    # are ones this mesh does not implement (UNSUPPORTED: refused). Strict: "10" is not a number.
+    model_config = ConfigDict(extra="allow", strict=True)
+    unsupported_here: ClassVar[tuple[str, ...]] = UNSUPPORTED
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
@@ -95,8 +101,20 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> Refused | None:
+        """OpenAI's 400 for the first parameter set here that this mesh does not implement."""
+        extra = self.model_extra or {}
+        for name in self.unsupported_here:
+            if extra.get(name) is not None and extra[name] not in _ACCEPTED.get(name, ()):
+                return Refused(400, "unsupported_parameter", f"{name} is not supported by this mesh (text "
+                               "generation only: no tools, functions, JSON mode, logit bias or log probabilities)",
+                               param=name)
+        return None
+
 
 class CompletionRequest(_Common):
+    unsupported_here: ClassVar[tuple[str, ...]] = UNSUPPORTED + UNSUPPORTED_TEXT
+
     prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one string)")
     echo: bool = Field(default=False, description="Not supported (false only)")
     logprobs: int | None = Field(default=None, le=0, description="Not supported")
@@ -107,8 +125,8 @@ class CompletionRequest(_Common):
         prompts = [value] if isinstance(value, str) else value
         if len(prompts) != 1:
             raise ValueError("give exactly one prompt (batches are not supported)")
-        if not 1 <= len(prompts[0]) <= 100_000:
-            raise ValueError("the prompt must have 1 to 100000 characters")
+        if not 1 <= len(prompts[0]) <= MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt must have 1 to {MAX_PROMPT_CHARS} characters")
         return prompts[0]
 
     @field_validator("echo")
@@ -120,9 +138,19 @@ class CompletionRequest(_Common):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[chat.ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[chat.ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                             description=f"At most {MAX_MESSAGES}, {MAX_PROMPT_CHARS} characters "
+                                                         "of content in all")
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     logprobs: bool = Field(default=False, description="Not supported (false only)")
+
+    @field_validator("messages")
+    @classmethod
+    def _bounded(cls, messages: list[chat.ChatMessage]) -> list[chat.ChatMessage]:
+        total = sum(len(m.content) for m in messages)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters of content; at most {MAX_PROMPT_CHARS}")
+        return messages
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
@@ -195,24 +223,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
 # With `stream: true`: OpenAI's SSE chunks (JSON objects, one per `data:` line), then `data: [DONE]`.
 _STREAM: dict[str, Any] = {"text/event-stream": {}}
 
 
 
 def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
-    api = APIRouter(prefix="/v1", tags=["openai"])
+    api = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONRoute,
+                    responses={"4XX": {"model": ErrorBody, "description": "OpenAI's error object"}})
 
     def request_id(idempotency_key: str | None) -> str:
         if idempotency_key is None:
@@ -223,9 +241,11 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
             raise Refused(400, "invalid_value", "Idempotency-Key must be 1-128 characters: letters, digits and . _ : - "
                           "(starting with a letter or digit)", param="Idempotency-Key") from None
 
-    async def run(kind: Literal["chat", "text"], body: _Common, prompt: str, max_tokens: int,
+    async def run(kind: Literal["chat", "text"], body: _Common, prompt: str | Callable[[], str], max_tokens: int,
                   authorization: str | None, idempotency_key: str | None, deadline: float | None) -> Any:
         try:
+            if (refused := body.unsupported()) is not None:
+                raise refused
             ask = Ask(request_id(idempotency_key), body.model, prompt, max_tokens, body.sampling(), deadline)
             answer = await submitter.submit(ask, authorization)
         except Refused as refused:
@@ -239,15 +259,17 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
             text, ended = answer.completion, _ended(answer)
         if ended.status != "completed":
             status = _FAILED_STATUS.get(ended.status, 502)
-            return JSONResponse(error_body(status, f"generation {ended.status}: {ended.error or 'no result'}",
-                                           ended.status), status_code=status)
+            return AsciiJSONResponse(error_body(status, f"generation {ended.status}: {ended.error or 'no result'}",
+                                                ended.status), status_code=status)
         return shape.whole(text, ended)
 
     limits: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorBody, "description": description} for status, description in (
-            (400, "invalid parameters"), (401, "missing, unknown or revoked API key"),
+            (400, "invalid or unsupported parameters"), (401, "missing, unknown or revoked API key"),
             (402, "balance below max_tokens x price"), (404, "unknown model"),
-            (409, "Idempotency-Key used by another account"), (422, "Idempotency-Key reused with other parameters"),
+            (409, "Idempotency-Key used by another account"),
+            (413, "body larger than FARMESH_MAX_REQUEST_BYTES"), (415, "body not JSON (Content-Type: application/json)"),
+            (422, "Idempotency-Key reused with other parameters"),
             (429, "the model's queue is full (Retry-After)"),
             (502, "the generation failed (charged only the tokens delivered)"),
             (504, "the request expired: no worker started it before its deadline (not charged)"))}
@@ -270,7 +292,8 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
     async def completions(body: CompletionRequest = Body(openapi_examples=text_examples),
                           authorization: str | None = Header(default=None),
                           idempotency_key: str | None = Header(default=None),
-                          x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
+                          x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400,
+                                                                      allow_inf_nan=False)) -> Any:
         max_tokens = body.max_tokens or 16  # OpenAI's default for completions
         return await run("text", body, body.prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 
@@ -278,8 +301,15 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest = Body(openapi_examples=chat_examples),
                                authorization: str | None = Header(default=None),
                                idempotency_key: str | None = Header(default=None),
-                               x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400)) -> Any:
-        prompt = chat.render(body.messages, submitter.tokenizer)
+                               x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400,
+                                                                      allow_inf_nan=False)) -> Any:
+        def prompt() -> str:  # rendered off the event loop, once the key is known (Submitter.submit)
+            try:
+                return chat.render(body.messages, submitter.tokenizer)
+            except chat.Unrenderable as exc:
+                raise Refused(400, "invalid_value", f"the model's chat template refused these messages: {exc}",
+                              param="messages") from None
+
         max_tokens = body.max_completion_tokens or body.max_tokens or submitter.settings.max_new_tokens
         return await run("chat", body, prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 
@@ -297,8 +327,8 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
              responses={404: {"model": ErrorBody, "description": "unknown model"}})
     async def model(model_id: str) -> Any:
         if model_id not in submitter.models:
-            return JSONResponse(error_body(404, f"model {model_id!r} does not exist", "model_not_found", "model"),
-                                status_code=404)
+            return AsciiJSONResponse(error_body(404, f"model {errors.excerpt(model_id)} does not exist",
+                                                "model_not_found", "model"), status_code=404)
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "farmesh"}
 
     return api

@@ -1,7 +1,11 @@
 """What every gateway API does with a generation request, whatever its shape (native or OpenAI).
 
+0. Authenticate the key (401) before anything else: an unknown caller costs no chat rendering, no tokenization
+   and no database write, whatever it sent.
 1. Check it: a model this gateway serves (404), a prompt within max_prompt_tokens and max_tokens within
-   max_new_tokens (400), a deadline within bounds.
+   max_new_tokens (400), a deadline within bounds. Rendering a chat (the prompt may be a callable) and
+   tokenizing run on a small thread pool of their own, never on the event loop: other requests go on meanwhile,
+   and a burst of big prompts cannot take the default executor the swarm checks run on.
 2. Reserve max_tokens x price on the caller's account (the Accounts port; farmesh.billing.accounts.reserve in
    production): 401 / 402, 429 when the model already has max_pending_requests pending over all gateways, and
    idempotency: the same account repeating a request id (or Idempotency-Key) with the same parameters gets that
@@ -17,20 +21,27 @@ Publisher), so these rules run in unit tests against in-memory fakes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import ValidationError
 
 from farmesh.billing.accounts import (AccountError, AlreadyRequested, DuplicateRequest, Existing,
                                      InsufficientFunds, ParametersDiffer, QueueFull, Reservation, Unauthorized)
 from farmesh.runtime.settings import Settings
+from producers.gateway.errors import excerpt
+from producers.gateway.guard import MAX_PROMPT_CHARS
 from producers.gateway.ports import Accounts, Publisher, Sessions
 from producers.gateway.streams import ReplyEvent, ReplyStream, ReplyStreams
 from schemas import money
@@ -49,13 +60,16 @@ class Ask:
 
     request_id: str
     model: str
-    prompt: str
+    # The prompt, or what renders it (a chat): called off the event loop, and only once the key is known.
+    prompt: str | Callable[[], str]
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     deadline_seconds: float | None = None  # None: settings.request_deadline
 
     def fingerprint(self) -> str:
         """sha256 of what decides the generated tokens: a repeated id must ask for the same thing."""
+        if not isinstance(self.prompt, str):
+            raise TypeError("render the prompt first (Submitter.prepare)")
         canonical = json.dumps({"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens,
                                 "sampling": self.sampling.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -149,61 +163,88 @@ class Submitter:
         self.metrics, self.tokenizer, self.reply_topic = metrics, tokenizer, reply_topic
         self.stream_timeout = stream_timeout
         self._cancelling: set[asyncio.Task[None]] = set()
+        self._work: ThreadPoolExecutor | None = None  # prompt rendering and tokenization (started when needed)
 
     @property
     def models(self) -> list[str]:
         return [self.settings.model_name]
 
-    def check(self, ask: Ask) -> None:
-        """Refuse what no worker would run."""
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the gateway's small prompt pool (a few threads: bounded CPU, never the event loop)."""
+        if self._work is None:
+            self._work = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                            thread_name_prefix="farmesh-prompts")
+        return await asyncio.get_running_loop().run_in_executor(self._work, functools.partial(fn, *args))
+
+    async def prepare(self, ask: Ask) -> Ask:
+        """The ask with its prompt rendered (off the event loop); a rendering refusal is raised as is."""
+        if isinstance(ask.prompt, str):
+            return ask
+        return dataclasses.replace(ask, prompt=await self.off_loop(ask.prompt))
+
+    async def check(self, ask: Ask) -> None:
+        """Refuse what no worker would run (the prompt rendered: see prepare)."""
         if ask.model not in self.models:
-            raise Refused(404, "model_not_found", f"model {ask.model!r} does not exist here; "
+            raise Refused(404, "model_not_found", f"model {excerpt(ask.model)} does not exist here; "
                           f"this mesh serves {', '.join(map(repr, self.models))} (GET /v1/models)", param="model")
         if not 1 <= ask.max_tokens <= self.settings.max_new_tokens:
             raise Refused(400, "invalid_value", f"max_tokens must be at most {self.settings.max_new_tokens} "
                           f"(and at least 1), got {ask.max_tokens}", param="max_tokens")
-        prompt_tokens = len(self.tokenizer.encode(ask.prompt))
-        if prompt_tokens > self.settings.max_prompt_tokens:
-            raise Refused(400, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; this mesh takes at "
-                          f"most {self.settings.max_prompt_tokens}", param="prompt")
         if ask.deadline_seconds is not None and not 0 < ask.deadline_seconds <= self.settings.max_request_deadline:
             raise Refused(400, "invalid_value", f"the deadline must be between 0 and "
                           f"{self.settings.max_request_deadline} seconds", param="deadline")
+        assert isinstance(ask.prompt, str)
+        if not ask.prompt:
+            raise Refused(400, "invalid_value", "the prompt is empty", param="prompt")
+        if len(ask.prompt) > MAX_PROMPT_CHARS:  # a rendered chat adds its template's text to the messages
+            raise Refused(400, "context_length_exceeded", f"the prompt is {len(ask.prompt)} characters; this "
+                          f"mesh takes at most {MAX_PROMPT_CHARS}", param="prompt")
+        prompt_tokens = len(await self.off_loop(self.tokenizer.encode, ask.prompt))
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise Refused(400, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; this mesh takes at "
+                          f"most {self.settings.max_prompt_tokens}", param="prompt")
+
+    def _refused(self, exc: AccountError) -> Refused:
+        """The refusal for an account error, counted."""
+        refused = refusal(exc)
+        self.metrics.requests.labels(refused.native).inc()
+        if refused.status == 401:
+            self.metrics.unauthorized.inc()
+        elif refused.status == 402:
+            self.metrics.payment_required.inc()
+        elif refused.status == 429:
+            self.metrics.rate_limited.inc()
+        return refused
 
     async def submit(self, ask: Ask, authorization: str | None) -> Live | Finished:
         received = time.monotonic()  # time to first token counts from here: checks and reservation included
         try:
-            self.check(ask)
+            client = await self.accounts.authenticate(authorization)  # first: an unknown key costs nothing
+        except AccountError as exc:
+            raise self._refused(exc) from exc
+        price = self.settings.price_for(ask.model)
+        try:
+            ask = await self.prepare(ask)
+            await self.check(ask)
+            deadline = datetime.now(timezone.utc) + timedelta(
+                seconds=ask.deadline_seconds or self.settings.request_deadline)
+            # Built (and so validated) before anything is held: an event that cannot exist is refused here.
+            request = self._event(ask, client.account_id, price, deadline)
         except Refused:
             self.metrics.requests.labels("invalid").inc()
             raise
-        price = self.settings.price_for(ask.model)
-        deadline = datetime.now(timezone.utc) + timedelta(seconds=ask.deadline_seconds or self.settings.request_deadline)
         reservation = Reservation(
             ask.request_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
             request_hash=ask.fingerprint(), deadline=deadline,
             max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
         try:
-            client = await self.accounts.reserve(authorization, reservation)
+            await self.accounts.reserve(authorization, reservation)  # checks the key again, in its transaction
         except AlreadyRequested as exc:
             self.metrics.requests.labels("repeated").inc()
             return await self._existing(exc.existing)
         except AccountError as exc:
-            refused = refusal(exc)
-            self.metrics.requests.labels(refused.native).inc()
-            if refused.status == 401:
-                self.metrics.unauthorized.inc()
-            elif refused.status == 402:
-                self.metrics.payment_required.inc()
-            elif refused.status == 429:
-                self.metrics.rate_limited.inc()
-            raise refused from exc
+            raise self._refused(exc) from exc
         stream = self.streams.open(ask.request_id)
-        request = InferenceRequested(
-            request_id=ask.request_id, model=ask.model, prompt=ask.prompt, max_tokens=ask.max_tokens,
-            price_per_token=price, reply_topic=self.reply_topic, account_id=client.account_id,
-            platform_fee_rate=self.settings.platform_fee, sampling=ask.sampling, deadline=deadline,
-        )
         try:
             await self.publisher.request(request)
         except Exception as exc:
@@ -216,6 +257,19 @@ class Submitter:
                           headers={"Retry-After": "1"}) from exc
         self.metrics.requests.labels("accepted").inc()
         return Live(ask.request_id, stream, started=received)
+
+    def _event(self, ask: Ask, account_id: Any, price: Any, deadline: datetime) -> InferenceRequested:
+        try:
+            return InferenceRequested(
+                request_id=ask.request_id, model=ask.model, prompt=ask.prompt, max_tokens=ask.max_tokens,
+                price_per_token=price, reply_topic=self.reply_topic, account_id=account_id,
+                platform_fee_rate=self.settings.platform_fee, sampling=ask.sampling, deadline=deadline,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            raise Refused(400, "invalid_value", f"{param or 'request'}: {str(first.get('msg', 'invalid'))[:200]}",
+                          param=param) from None
 
     async def _existing(self, existing: Existing) -> Live | Finished:
         """The answer to a repeated request: its live stream here, else its recorded session."""
@@ -286,9 +340,12 @@ class Submitter:
             log.warning("could not publish a cancellation: %r", exc)
 
     async def drain(self) -> None:
-        """Wait for cancellations still being published (at shutdown)."""
+        """Wait for cancellations still being published, then stop the prompt pool (at shutdown)."""
         if self._cancelling:
             await asyncio.gather(*self._cancelling, return_exceptions=True)
+        if self._work is not None:
+            self._work.shutdown(wait=False, cancel_futures=True)
+            self._work = None
 
 
 RouteCheck = Callable[[], Awaitable[bool]]

@@ -282,3 +282,65 @@ async def test_a_reader_that_leaves_early_cancels_once_and_a_finished_one_does_n
     await gateway.submitter.drain()
     assert len(gateway.publisher.cancels) == 1  # only r1's
     assert gateway.count("farmesh_gateway_time_to_first_token_seconds_count") == 2
+
+
+class RecordingTokenizer(CharTokenizer):
+    """Records the thread each prompt is tokenized on."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return super().encode(text)
+
+
+async def test_the_key_is_checked_before_any_rendering_or_tokenization(gateway):
+    tokenizer = RecordingTokenizer()
+    gateway.submitter.tokenizer = tokenizer
+    rendered: list[str] = []
+
+    def render() -> str:  # what a chat request hands over: rendered only for a known key
+        import threading
+
+        rendered.append(threading.current_thread().name)
+        return "User: hi\nAssistant:"
+
+    for authorization in (None, "Bearer fmk_nobody"):
+        with pytest.raises(Refused) as refused:
+            await gateway.submitter.submit(Ask("r1", MODEL, render, 3), authorization)
+        assert refused.value.status == 401
+    assert rendered == [] and tokenizer.threads == [] and gateway.accounts.calls == []
+
+    key = gateway.accounts.open_account("alice", 10 * PRICE)
+    answer = await gateway.submitter.submit(Ask("r1", MODEL, render, 3), key)
+    assert isinstance(answer, Live) and gateway.publisher.requests[0].prompt == "User: hi\nAssistant:"
+    # Both ran on the gateway's prompt pool, off the event loop's thread.
+    assert len(rendered) == len(tokenizer.threads) == 1
+    assert all(name.startswith("farmesh-prompts") for name in rendered + tokenizer.threads)
+    # The fingerprint is the rendered prompt's: the same chat repeated is the same request.
+    again = await gateway.submitter.submit(Ask("r1", MODEL, "User: hi\nAssistant:", 3), key)
+    assert again.stream is answer.stream and gateway.accounts.calls == ["reserve r1", "publish r1"]
+    await gateway.submitter.drain()
+
+
+async def test_a_prompt_no_event_could_carry_is_refused_before_anything_is_held(gateway):
+    key = gateway.accounts.open_account("alice", 10 * PRICE)
+    gateway.submitter.settings = gateway.submitter.settings.model_copy(update={"max_prompt_tokens": 10**6})
+
+    def refuse() -> str:
+        raise Refused(400, "invalid_value", "the chat template refused the messages", param="messages")
+
+    cases = [(Ask("r1", MODEL, lambda: "x" * 100_001, 3), "context_length_exceeded", "prompt"),
+             (Ask("r1", MODEL, lambda: "", 3), "invalid_value", "prompt"),
+             (Ask("r1", MODEL, refuse, 3), "invalid_value", "messages"),
+             (Ask("r1", MODEL, "hi", 3, deadline_seconds=float("nan")), "invalid_value", "deadline")]
+    for bad, code, param in cases:
+        with pytest.raises(Refused) as refused:
+            await gateway.submitter.submit(bad, key)
+        assert (refused.value.status, refused.value.code, refused.value.param) == (400, code, param)
+    assert gateway.accounts.calls == [] and gateway.publisher.requests == []
+    assert gateway.count("farmesh_gateway_requests_total", outcome="invalid") == 4
+    await gateway.submitter.drain()
