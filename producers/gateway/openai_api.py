@@ -152,10 +152,15 @@ class ChatCompletionRequest(_Common):
             raise ValueError(f"the messages hold {total} characters of content; at most {MAX_PROMPT_CHARS}")
         return messages
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("logprobs is not supported")
+        return value
+
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
         if not any(m.content for m in self.messages):
             raise ValueError("the messages have no content")
         return self

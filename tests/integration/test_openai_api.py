@@ -188,6 +188,17 @@ async def test_errors_are_openai_error_objects(env, tiny_model_dir):
             r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": []},
                                 headers={"Authorization": f"Bearer {mesh.key}"})
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        # What the mesh does not implement is refused, never ignored, and the SDK sees which parameter.
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for unsupported, param in (({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                                    "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                                   ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True}, "logprobs")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(**chat, **unsupported)
+            assert e.value.param == param and "not supported" in e.value.message, e.value.body
+        with pytest.raises(openai.BadRequestError) as e:  # strict types: "2" is not a max_tokens
+            await client.chat.completions.create(**{**chat, "max_tokens": 2}, extra_body={"max_tokens": "2"})
+        assert e.value.body["param"] == "max_tokens"
 
 
 async def test_a_repeated_idempotency_key_is_generated_and_charged_once(env, tiny_model_dir):
