@@ -162,7 +162,8 @@ async def settle(conn: asyncpg.Connection, outcomes: Sequence[SessionOutcome]) -
     if not outcomes:
         return Settled(Recorded(0, 0, 0))
     async with _transaction(conn):
-        facts = await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id", "FOR NO KEY UPDATE")
+        facts = await acceptance_facts(conn, outcomes, "far_session_contributions", "event_id", "FOR NO KEY UPDATE",
+                                       read_payments_winners=True)
         verdict = judge(outcomes, facts)
         recorded = await _record(conn, verdict.accepted(outcomes))
     if verdict.losers:

@@ -122,7 +122,8 @@ async def judge_and_record(conn: asyncpg.Connection, outcomes: Sequence[SessionO
     if not outcomes:
         return Payable(Recorded(0, 0, 0))
     async with conn.transaction():
-        facts = await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id", "FOR SHARE")
+        facts = await acceptance_facts(conn, outcomes, "far_payment_items", "contribution_id", "FOR SHARE",
+                                       read_payments_winners=False)
         verdict = judge(outcomes, facts)
         recorded = await _record(conn, verdict.accepted(outcomes))
     if verdict.losers:

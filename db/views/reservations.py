@@ -54,26 +54,25 @@ async def reservation(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) 
     return None if row is None else Reservation.of(row)
 
 
-# Each reservation with the outcomes a consumer group already recorded as its request's winner (the ledger's
-# far_mesh_sessions, the payments group's far_payment_sessions): one round trip.
+# Each reservation with the outcome the payments group recorded as its request's winner (the ledger's is the
+# reservation's settlement_txn): one round trip.
 _WITH_TAKEN = f"""
-SELECT {COLUMNS}, ARRAY(SELECT s.event_id FROM far_mesh_sessions s WHERE s.request_id = r.request_id
-                        UNION SELECT p.event_id FROM far_payment_sessions p WHERE p.request_id = r.request_id) AS taken
-FROM far_reservations r WHERE r.request_id = ANY($1::text[])
+SELECT {COLUMNS}, p.event_id AS paid FROM far_reservations r LEFT JOIN far_payment_sessions p USING (request_id)
+WHERE r.request_id = ANY($1::text[])
 """
 
 
 async def reservations_with_taken(conn: asyncpg.Connection | asyncpg.Pool, request_ids: Collection[str]
                                   ) -> tuple[dict[str, Reservation], dict[str, set[UUID]]]:
     """(the reservations of `request_ids`, request id -> the outcomes a consumer group already recorded as its
-    winner, the ledger's settlement included): what a replay judges a chunk of the log on."""
+    winner: the ledger's settlement, the payments group's choice): what a replay judges a chunk of the log on."""
     reservations: dict[str, Reservation] = {}
     taken: dict[str, set[UUID]] = {}
     if not request_ids:
         return reservations, taken
     for row in await conn.fetch(_WITH_TAKEN, list(request_ids)):
         r = reservations[row["request_id"]] = Reservation.of(row)
-        won = set(row["taken"]) | ({r.settlement_txn} if r.settlement_txn is not None else set())
+        won = {x for x in (r.settlement_txn, row["paid"]) if x is not None}
         if won:
             taken[r.request_id] = won
     return reservations, taken

@@ -44,7 +44,7 @@ from uuid import UUID
 
 from db.views.acceptance import Facts
 from db.views.reservations import Reservation
-from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost, settlement
+from farmesh.billing.pricing import Work, fee_rate_units, platform_fee, session_cost, split
 from schemas import money
 from schemas.events import InferenceRequested, SessionOutcome
 
@@ -85,13 +85,12 @@ def _terms_problem(what: str, request_id: str, r: Reservation, account_id: UUID,
         return f"request {request_id} was reserved by account {r.account_id}, not {account_id}"
     if model != r.model:
         return f"request {request_id} was reserved for model {r.model!r}, not {model!r}"
-    try:
-        if money.to_base_units(price) != money.to_base_units(r.price_per_token):
-            return f"{what} price_per_token {money.text(price)} != the reserved {money.text(r.price_per_token)}"
-        if fee_rate_units(fee_rate) != fee_rate_units(r.platform_fee_rate):
-            return f"{what} platform_fee_rate {money.text(fee_rate)} != the reserved {money.text(r.platform_fee_rate)}"
-    except ValueError as exc:
-        return f"amount not exact: {exc}"
+    # Exact decimals (the events' amounts are validated, the reservation's are NUMERIC(38,18)): equal as numbers,
+    # however many trailing zeros either is written with.
+    if price != r.price_per_token:
+        return f"{what} price_per_token {money.text(price)} != the reserved {money.text(r.price_per_token)}"
+    if fee_rate != r.platform_fee_rate:
+        return f"{what} platform_fee_rate {money.text(fee_rate)} != the reserved {money.text(r.platform_fee_rate)}"
     if tokens > r.max_tokens:
         return f"{what} {tokens} tokens > the {r.max_tokens} reserved"
     return None
@@ -106,20 +105,17 @@ def reservation_problem(o: SessionOutcome, r: Reservation | None, taken: Collect
                              o.platform_fee_rate, o.completion_tokens)
     if problem is not None:
         return problem
-    cost, amount = money.to_base_units(o.cost_far), money.to_base_units(r.amount)
-    if cost > amount:  # follows from the tokens and the price; kept as the rule's own words
+    if o.cost_far > r.amount:  # follows from the tokens and the price; kept as the rule's own words
         return f"cost {money.text(o.cost_far)} > the reserved {money.text(r.amount)}"
+    # money_problem checked cost = tokens x price and fee = the fee rule at the outcome's price and rate, now known
+    # to be the reserved ones (pricing.settlement's debit and fee): what is left of the settlement is the split.
     work = [Work(c.peer_id, c.start_block, c.end_block, c.tokens_processed) for c in o.contributions]
-    try:
-        due = settlement(o.completion_tokens, money.to_base_units(r.price_per_token),
-                         fee_rate_units(r.platform_fee_rate), work)
-    except ValueError as exc:
-        return f"contributions cannot be priced: {exc}"
-    earned = [money.to_base_units(c.earnings_far) for c in o.contributions]
-    if earned != due.shares or money.to_base_units(o.platform_fee_far) != due.fee:
-        return ("contributions are not the pricing rule's split of their spans: earnings "
-                f"{[money.text(c.earnings_far) for c in o.contributions]} != "
-                f"{[money.text(money.to_far(s)) for s in due.shares]}")
+    if sum(w.weight for w in work):  # (no work: the platform kept the whole cost, every share is 0)
+        shares = split(money.to_base_units(o.cost_far) - money.to_base_units(o.platform_fee_far), work)
+        if [money.to_base_units(c.earnings_far) for c in o.contributions] != shares:
+            return ("contributions are not the pricing rule's split of their spans: earnings "
+                    f"{[money.text(c.earnings_far) for c in o.contributions]} != "
+                    f"{[money.text(money.to_far(s)) for s in shares]}")
     if r.withdrawn and not taken:  # (had a group taken an outcome before the release, that one wins: see judge)
         return (f"the reservation of request {o.request_id} was released without an outcome"
                 f"{f' ({r.reason})' if r.reason else ''}: nothing may settle it")
