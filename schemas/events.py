@@ -27,8 +27,9 @@ SCHEMA_VERSION = 1
 
 RequestId = Annotated[
     str,
-    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
-          description="Client-chosen id of one generation request; the session key everywhere"),
+    Field(min_length=1, max_length=192, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
+          description="The mesh's id of one generation request, the session key everywhere: the gateway's is "
+                      "`<client id>.<account id hex>` (a client's id, at most 128 characters, scoped by its account)"),
 ]
 PeerId = Annotated[str, Field(min_length=1, max_length=128, description="libp2p peer id (base58)")]
 Far = Annotated[

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,30 @@ PREFIX_LENGTH = 12  # "fmk_" + 8 characters of the key: enough to tell keys apar
 def node_account_id(peer_id: str) -> uuid.UUID:
     """The account of the node `peer_id`: deterministic, so the ledger, payments and replays agree."""
     return uuid.uuid5(_NODE_NAMESPACE, f"node:{peer_id}")
+
+
+# --------------------------------------------------------------------------------------------- request ids
+
+_ACCOUNT_SUFFIX = re.compile(r"\.[0-9a-f]{32}\Z")
+
+
+def mesh_request_id(account_id: uuid.UUID, client_id: str) -> str:
+    """The mesh's id of the request a client named `client_id`: `<client id>.<account id hex>`.
+
+    Request ids are private to an account: the client chooses its id, the gateway scopes it by the account that
+    asked, and the scoped id is what the whole mesh keys on (events and Kafka keys, far_reservations,
+    far_mesh_sessions, `farmesh keys release`, reports). Deterministic, so every gateway maps the same account's
+    repeat to the same request (idempotency across gateways); another account's identical id is simply another
+    request, which it can neither see nor block. The client's id comes first (readable, `LIKE 'id%'` finds it);
+    the suffix has a fixed length, so the mapping is one-to-one whatever the client's id contains.
+    """
+    return f"{client_id}.{account_id.hex}"
+
+
+def client_request_id(mesh_id: str) -> str:
+    """The client's id of a mesh request id (the inverse of mesh_request_id): what the APIs show their caller.
+    An id without an account suffix (recorded before ids were scoped, or published by a test) is its own."""
+    return mesh_id[:-33] if _ACCOUNT_SUFFIX.search(mesh_id) else mesh_id
 
 
 def hash_key(key: str) -> str:
@@ -80,7 +105,9 @@ class InsufficientFunds(AccountError):
 
 
 class DuplicateRequest(AccountError):
-    """The request_id was already used (HTTP 409)."""
+    """The mesh request id names something no reservation of this account explains (HTTP 409): a session recorded
+    without a reservation (before reservations existed). Another account's id never gets here: ids are scoped by
+    account (mesh_request_id), so its id is another request."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +310,8 @@ class AlreadyRequested(AccountError):
     """The same account already asked this (request id and parameters): answer with that request's result."""
 
     def __init__(self, existing: Existing) -> None:
-        super().__init__(f"request_id {existing.request_id!r} was already accepted ({existing.status})")
+        super().__init__(f"request_id {client_request_id(existing.request_id)!r} was already accepted "
+                         f"({existing.status})")
         self.existing = existing
 
 
@@ -321,8 +349,10 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
     One round trip to the database function far_reserve (migration 007), which runs in one transaction with
     the account row locked, so concurrent requests of one account (on any number of gateways) cannot together
     spend more than it has; the model's pending requests are counted under a per-model advisory lock, so all
-    gateways together queue at most max_pending. A request id the same account already used with the same
-    parameters raises AlreadyRequested (nothing is held twice). Returns the client and the amount held.
+    gateways together queue at most max_pending. request.request_id is the mesh's id, scoped by the key's account
+    (mesh_request_id), so only this account's own ids are ever found: one it already used with the same
+    parameters raises AlreadyRequested (nothing is held twice), with others ParametersDiffer. Messages name the
+    client's own id. Returns the client and the amount held.
     """
     key = bearer_key(authorization)
     if key is None:
@@ -337,10 +367,12 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
         raise Unauthorized("unknown API key")
     if outcome == "revoked":
         raise Unauthorized(f"API key {row['prefix']}... was revoked")
+    shown = client_request_id(request.request_id)  # the caller's own id, in what it is told
     if outcome == "duplicate":
-        raise DuplicateRequest(f"request_id {request.request_id!r} was already used")
+        raise DuplicateRequest(f"request_id {shown!r} names a session recorded without a reservation; "
+                               "use a new request_id / Idempotency-Key")
     if outcome == "parameters_differ":
-        raise ParametersDiffer(f"request_id {request.request_id!r} was already used for a request with other "
+        raise ParametersDiffer(f"request_id {shown!r} was already used for a request with other "
                                "parameters; use a new request_id / Idempotency-Key")
     if outcome == "already":
         raise AlreadyRequested(Existing(request.request_id, row["existing_status"], row["existing_deadline"]))

@@ -52,14 +52,20 @@ async def _demo_key(database_url: str) -> str:
         await conn.close()
 
 
-async def _request_id_used(database_url: str, request_id: str) -> bool:
+async def _request_id_used(database_url: str, api_key: str, request_id: str) -> bool:
+    """Whether the key's account already used `request_id` (ids are private to an account: the mesh's id is
+    accounts.mesh_request_id)."""
     import asyncpg
+
+    from farmesh.billing import accounts
 
     conn = await asyncpg.connect(database_url)
     try:
+        client = await accounts.authenticate(conn, f"Bearer {api_key}")
+        mesh_id = accounts.mesh_request_id(client.account_id, request_id)
         return bool(await conn.fetchval(
             "SELECT 1 FROM far_reservations WHERE request_id = $1 UNION ALL "
-            "SELECT 1 FROM far_mesh_sessions WHERE request_id = $1 LIMIT 1", request_id))
+            "SELECT 1 FROM far_mesh_sessions WHERE request_id = $1 LIMIT 1", mesh_id))
     finally:
         await conn.close()
 
@@ -354,7 +360,7 @@ def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max
             print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key}", flush=True)
             auth = {"Authorization": f"Bearer {mesh.api_key}"}
             request_id = "test-001"
-            if asyncio.run(_request_id_used(mesh.database_url, request_id)):
+            if asyncio.run(_request_id_used(mesh.database_url, mesh.api_key, request_id)):
                 request_id = f"test-001-{int(time.time())}"  # an external database already holds test-001
             body = {"prompt": prompt, "max_tokens": max_tokens, "request_id": request_id}
             print(f"POST {mesh.gateway_url}/api/inference/generate {json.dumps(body)}\n--- streamed text ---")

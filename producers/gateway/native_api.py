@@ -4,6 +4,10 @@ POST /api/inference/generate  {"prompt", "max_tokens", "request_id", sampling...
                               then `done` (with usage) or `error`. Needs `Authorization: Bearer KEY`.
 GET  /api/sessions/{id}       the recorded session and its contributions (from the ledger; the key's own)
 
+Request ids are the client's own: the mesh knows a request as its id scoped by the caller's account
+(farmesh.billing.accounts.mesh_request_id), and everything answered here names the client's id. Another account's
+id is, for this caller, an id it has not used: a new request, or 404 like any unknown session.
+
 Refusals are JSON {"error", "detail", ...} (producers.gateway.errors); parameter errors are 422 like every other
 invalid body here (the OpenAI-compatible API, producers.gateway.openai_api, says 400 for the same refusals).
 Types are strict: "10", true or 2.0 is not a max_tokens; the body is strict JSON (producers.gateway.guard).
@@ -21,13 +25,13 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from farmesh.billing.accounts import Unauthorized
+from farmesh.billing.accounts import Unauthorized, mesh_request_id
 from producers.gateway.errors import AsciiJSONResponse, NativeError, native_body
 from producers.gateway.guard import MAX_PROMPT_CHARS, JSONRoute
 from producers.gateway.ports import Accounts, Sessions
-from producers.gateway.submit import Ask, Finished, Live, Refused, Submitter, refusal
+from producers.gateway.submit import Ask, ClientRequestId, Finished, Live, Refused, Submitter, refusal
 from schemas import money
-from schemas.events import RequestId, Sampling, StopSequence, TokenChunk
+from schemas.events import Sampling, StopSequence, TokenChunk
 
 
 class GenerateRequest(BaseModel):
@@ -35,8 +39,8 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: int = Field(default=100, ge=1)
-    request_id: RequestId | None = Field(default=None, description="Idempotency key; default: the Idempotency-Key "
-                                         "header, else a fresh id")
+    request_id: ClientRequestId | None = Field(default=None, description="Idempotency key, private to the account; "
+                                               "default: the Idempotency-Key header, else a fresh id")
     model: str | None = Field(default=None, min_length=1, max_length=256,
                               description="Default: the model this gateway serves")
     temperature: float = Field(default=0.0, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
@@ -69,7 +73,9 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
               responses={200: {"description": "Server-Sent Events: token*, then done or error"},
                          **_refusals({401: "missing, unknown or revoked API key",
                                       402: "balance below max_tokens x price (adds required_far, available_far)",
-                                      404: "unknown model", 409: "request_id used by another account",
+                                      404: "unknown model",
+                                      409: "request_id's earlier request was never queued (request_not_queued), "
+                                           "or names a session recorded without a reservation",
                                       413: "body larger than FARMESH_MAX_REQUEST_BYTES",
                                       415: "body not JSON (Content-Type: application/json)",
                                       422: "invalid body or parameters (adds errors), or request_id reused with "
@@ -82,7 +88,7 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
                                "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8, "top_p": 0.95,
                                "top_k": 40, "seed": 3, "stop": ["."], "model": model_name}}}),
                        authorization: str | None = Header(default=None),
-                       idempotency_key: RequestId | None = Header(default=None)) -> Any:
+                       idempotency_key: ClientRequestId | None = Header(default=None)) -> Any:
         if body.request_id and idempotency_key and body.request_id != idempotency_key:
             raise HTTPException(422, "request_id and the Idempotency-Key header differ; send one of them")
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
@@ -98,15 +104,22 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
     @api.get("/api/sessions/{request_id}", responses=_refusals({
         401: "missing, unknown or revoked API key", 404: "no such session of this key's account (yet)",
         422: "not a request id"}))
-    async def get_session(request_id: RequestId, authorization: str | None = Header(default=None)) -> Any:
+    async def get_session(request_id: ClientRequestId, authorization: str | None = Header(default=None)) -> Any:
         try:
             client = await accounts.authenticate(authorization)
         except Unauthorized as exc:
             submitter.metrics.unauthorized.inc()
             return native_error(refusal(exc))
-        session = await sessions.fetch(request_id)
-        if session is None or session.get("account_id") not in (None, client.account_id):
+        # The caller's own request of that id; another account's is not even looked at (the same 404 as none).
+        session = await sessions.fetch(mesh_request_id(client.account_id, request_id))
+        if session is None:  # recorded before ids were scoped by account: shown only to its own account
+            session = await sessions.fetch(request_id)
+            if session is not None and session.get("account_id") not in (None, client.account_id):
+                session = None
+        if session is None:
             raise HTTPException(404, f"no session {request_id!r} in the ledger (yet)")
+        session = {**session, "request_id": request_id,  # the client's id, as it named the request
+                   "contributions": [{**c, "request_id": request_id} for c in session.get("contributions", [])]}
         return jsonable_encoder(session, custom_encoder={Decimal: money.text})  # money stays exact
 
     return api
@@ -129,8 +142,8 @@ async def _relay(submitter: Submitter, answer: Live | Finished) -> AsyncIterator
                 yield {"event": "token",
                        "data": json.dumps({"index": event.index, "token_id": event.token_id, "text": event.text})}
             else:
-                payload = event.model_dump(mode="json",
-                                           include={"request_id", "status", "finish_reason", "usage", "error"})
+                payload = event.model_dump(mode="json", include={"status", "finish_reason", "usage", "error"})
+                payload = {"request_id": answer.request_id, **payload}  # the client's id, not the mesh's
                 yield {"event": "done" if event.status == "completed" else "error", "data": json.dumps(payload)}
     except TimeoutError:
         yield {"event": "error",

@@ -3,7 +3,9 @@
 The official `openai` SDKs work against it unchanged (base_url = the gateway's /v1, api_key = a farmesh key).
 Streams are OpenAI's SSE chunks ending in `data: [DONE]`, with a usage chunk when stream_options.include_usage
 is set; errors are OpenAI's error JSON. The request id is the Idempotency-Key header when given (a repeated key
-returns the same completion, generated and charged once), else a fresh one; the response id embeds it.
+returns the same completion, generated and charged once), else a fresh one; the response id embeds it. A key is
+private to its account (the mesh scopes it: farmesh.billing.accounts.mesh_request_id): another account's identical
+key is another request, and every response names the client's own key, never the mesh's id.
 Extensions beyond OpenAI's parameters: top_k, and the X-Farmesh-Deadline header (seconds to start by).
 
 Parameters this mesh does not implement (tools, response_format other than text, logit_bias, top_logprobs, ...)
@@ -27,11 +29,11 @@ from sse_starlette.sse import EventSourceResponse
 from producers.gateway import chat, errors
 from producers.gateway.errors import AsciiJSONResponse, ErrorBody
 from producers.gateway.guard import MAX_MESSAGES, MAX_PROMPT_CHARS, JSONRoute
-from producers.gateway.submit import Ask, Finished, Live, Refused, RouteCheck, Submitter
-from schemas.events import RequestId, Sampling, StreamEnded, TokenChunk
+from producers.gateway.submit import Ask, ClientRequestId, Finished, Live, Refused, RouteCheck, Submitter
+from schemas.events import Sampling, StreamEnded, TokenChunk
 
-# The request id rule of every event (schemas.events.RequestId), for the Idempotency-Key header.
-_REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
+# What a client may name its request (producers.gateway.submit.ClientRequestId), for the Idempotency-Key header.
+_REQUEST_ID: TypeAdapter[str] = TypeAdapter(ClientRequestId)
 
 # A session that did not complete, as the status of a whole (non-streamed) response.
 _FAILED_STATUS = {"failed": 502, "cancelled": 502, "expired": 504}
@@ -272,7 +274,8 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         status: {"model": ErrorBody, "description": description} for status, description in (
             (400, "invalid or unsupported parameters"), (401, "missing, unknown or revoked API key"),
             (402, "balance below max_tokens x price"), (404, "unknown model"),
-            (409, "Idempotency-Key used by another account"),
+            (409, "Idempotency-Key's earlier request was never queued, or names a session recorded without a "
+                  "reservation"),
             (413, "body larger than FARMESH_MAX_REQUEST_BYTES"), (415, "body not JSON (Content-Type: application/json)"),
             (422, "Idempotency-Key reused with other parameters"),
             (429, "the model's queue is full (Retry-After)"),

@@ -7,7 +7,9 @@ The Submitter (producers.gateway.submit) and the native API only ever talk to th
 - Accounts:  the caller's key and the money held for a request (PostgreSQL: far_api_keys, far_reserve).
              Refusals are farmesh.billing.accounts' errors (Unauthorized, InsufficientFunds, QueueFull,
              ParametersDiffer, DuplicateRequest, AlreadyRequested): the port's vocabulary, whoever implements it.
-- Sessions:  a finished request as the ledger recorded it (db.views.sessions).
+             Request ids here are the mesh's (farmesh.billing.accounts.mesh_request_id: the client's id scoped by
+             its account), so an account only ever meets its own.
+- Sessions:  a finished request as the ledger recorded it (db.views.sessions), by mesh request id.
 - Publisher: the events this gateway writes: InferenceRequested (requests topic) and InferenceCancelled
              (control topic), keyed by request id so one request's events stay in order.
 """

@@ -9,8 +9,10 @@
 2. Reserve max_tokens x price on the caller's account (the Accounts port; farmesh.billing.accounts.reserve in
    production): 401 / 402, 429 when the model already has max_pending_requests pending over all gateways, and
    idempotency: the same account repeating a request id (or Idempotency-Key) with the same parameters gets that
-   request's stream (if this gateway still streams it) or its recorded result; with other parameters, 422;
-   another account's id, 409.
+   request's stream (if this gateway still streams it) or its recorded result; with other parameters, 422.
+   Request ids are private to an account: the client's id is scoped by its account (mesh_request_id), and that
+   mesh id is what is reserved, published, streamed and settled. Another account's identical id is another
+   request: it can neither see nor block this one. Whatever the client reads names its own id.
 3. Publish InferenceRequested, naming this gateway's own reply topic, and hand back the live stream.
 A client that goes away before the end cancels the request (when it was the stream's last reader): the
 worker stops before its next token and the ledger charges only the tokens delivered.
@@ -32,13 +34,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from farmesh.billing.accounts import (AccountError, AlreadyRequested, DuplicateRequest, Existing,
-                                     InsufficientFunds, ParametersDiffer, QueueFull, Reservation, Unauthorized)
+                                     InsufficientFunds, ParametersDiffer, QueueFull, Reservation, Unauthorized,
+                                     mesh_request_id)
 from farmesh.runtime.settings import Settings
 from producers.gateway.errors import excerpt
 from producers.gateway.guard import MAX_PROMPT_CHARS
@@ -50,6 +53,16 @@ from schemas.events import InferenceCancelled, InferenceRequested, Sampling, Str
 log = logging.getLogger(__name__)
 
 
+# What a client may name its request (`request_id`, `Idempotency-Key`): the mesh's id (schemas.events.RequestId)
+# adds `.<account id hex>` to it (farmesh.billing.accounts.mesh_request_id).
+CLIENT_ID_MAX_LENGTH = 128
+ClientRequestId = Annotated[
+    str,
+    Field(min_length=1, max_length=CLIENT_ID_MAX_LENGTH, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
+          description="The client's id of one generation request (its idempotency key), private to its account"),
+]
+
+
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
@@ -58,7 +71,7 @@ class Tokenizer(Protocol):
 class Ask:
     """One generation request as every API states it."""
 
-    request_id: str
+    request_id: str  # the client's id (scoped by its account on submit: the mesh knows it as mesh_request_id)
     model: str
     # The prompt, or what renders it (a chat): called off the event loop, and only once the key is known.
     prompt: str | Callable[[], str]
@@ -92,7 +105,7 @@ class Refused(Exception):
 class Finished:
     """A repeated request whose session the ledger has already recorded."""
 
-    request_id: str
+    request_id: str  # the client's id
     status: str  # completed | failed | cancelled | expired
     finish_reason: str
     completion: str
@@ -104,7 +117,7 @@ class Finished:
 class Live:
     """A request being generated now; read it with Submitter.follow()."""
 
-    request_id: str
+    request_id: str  # the client's id (the stream's is the mesh's)
     stream: ReplyStream
     started: float = field(default_factory=time.monotonic)
 
@@ -132,7 +145,7 @@ _ACCOUNT_ERRORS: list[tuple[type[AccountError], int, str, str]] = [
     (InsufficientFunds, 402, "insufficient_quota", "insufficient_funds"),
     (QueueFull, 429, "rate_limit_exceeded", "rate_limited"),
     (ParametersDiffer, 422, "idempotency_key_reused", "parameters_differ"),
-    (DuplicateRequest, 409, "duplicate_request_id", "duplicate_request_id"),
+    (DuplicateRequest, 409, "request_id_conflict", "request_id_conflict"),  # a session with no reservation
 ]
 
 
@@ -222,6 +235,7 @@ class Submitter:
             client = await self.accounts.authenticate(authorization)  # first: an unknown key costs nothing
         except AccountError as exc:
             raise self._refused(exc) from exc
+        mesh_id = mesh_request_id(client.account_id, ask.request_id)  # the client's id, private to its account
         price = self.settings.price_for(ask.model)
         try:
             ask = await self.prepare(ask)
@@ -229,39 +243,39 @@ class Submitter:
             deadline = datetime.now(timezone.utc) + timedelta(
                 seconds=ask.deadline_seconds or self.settings.request_deadline)
             # Built (and so validated) before anything is held: an event that cannot exist is refused here.
-            request = self._event(ask, client.account_id, price, deadline)
+            request = self._event(ask, mesh_id, client.account_id, price, deadline)
         except Refused:
             self.metrics.requests.labels("invalid").inc()
             raise
         reservation = Reservation(
-            ask.request_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
+            mesh_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
             request_hash=ask.fingerprint(), deadline=deadline,
             max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
         try:
             await self.accounts.reserve(authorization, reservation)  # checks the key again, in its transaction
         except AlreadyRequested as exc:
             self.metrics.requests.labels("repeated").inc()
-            return await self._existing(exc.existing)
+            return await self._existing(exc.existing, ask.request_id)
         except AccountError as exc:
             raise self._refused(exc) from exc
-        stream = self.streams.open(ask.request_id)
+        stream = self.streams.open(mesh_id)
         try:
             await self.publisher.request(request)
         except Exception as exc:
-            self.streams.close(ask.request_id)
+            self.streams.close(mesh_id)
             self.metrics.requests.labels("broker_error").inc()
             # Not queued (as far as we know): hold nothing. Should it have reached the log after all, the
             # ledger still settles its outcome (the debit does not depend on the reservation).
-            await self.accounts.release(ask.request_id, f"publish failed: {type(exc).__name__}")
+            await self.accounts.release(mesh_id, f"publish failed: {type(exc).__name__}")
             raise Refused(503, "service_unavailable", "the request could not be queued; retry shortly",
                           headers={"Retry-After": "1"}) from exc
         self.metrics.requests.labels("accepted").inc()
         return Live(ask.request_id, stream, started=received)
 
-    def _event(self, ask: Ask, account_id: Any, price: Any, deadline: datetime) -> InferenceRequested:
+    def _event(self, ask: Ask, mesh_id: str, account_id: Any, price: Any, deadline: datetime) -> InferenceRequested:
         try:
             return InferenceRequested(
-                request_id=ask.request_id, model=ask.model, prompt=ask.prompt, max_tokens=ask.max_tokens,
+                request_id=mesh_id, model=ask.model, prompt=ask.prompt, max_tokens=ask.max_tokens,
                 price_per_token=price, reply_topic=self.reply_topic, account_id=account_id,
                 platform_fee_rate=self.settings.platform_fee, sampling=ask.sampling, deadline=deadline,
             )
@@ -271,14 +285,15 @@ class Submitter:
             raise Refused(400, "invalid_value", f"{param or 'request'}: {str(first.get('msg', 'invalid'))[:200]}",
                           param=param) from None
 
-    async def _existing(self, existing: Existing) -> Live | Finished:
-        """The answer to a repeated request: its live stream here, else its recorded session."""
+    async def _existing(self, existing: Existing, client_id: str) -> Live | Finished:
+        """The answer to a repeated request (existing: its mesh id; client_id: what the client calls it): its live
+        stream here, else its recorded session."""
         if (stream := self.streams.get(existing.request_id)) is not None:
-            return Live(existing.request_id, stream)
+            return Live(client_id, stream)
         session = await self.sessions.fetch(existing.request_id)
         if session is None and existing.status == "released":
             # Released without a session: it was never queued (the publish failed); it will never have a result.
-            raise Refused(409, "request_not_queued", f"request {existing.request_id!r} could not be queued earlier "
+            raise Refused(409, "request_not_queued", f"request {client_id!r} could not be queued earlier "
                           "and was not charged; send it again with a new request_id / Idempotency-Key",
                           param="request_id")
         # Streamed by another gateway (or by this one before a restart): wait for the ledger's record.
@@ -287,12 +302,12 @@ class Submitter:
             give_up = max(give_up, time.monotonic() + (existing.deadline - datetime.now(timezone.utc)).total_seconds())
         while session is None:
             if time.monotonic() > give_up:
-                raise Refused(504, "timeout", f"request {existing.request_id!r} was accepted but has no result yet; "
+                raise Refused(504, "timeout", f"request {client_id!r} was accepted but has no result yet; "
                               "retry later", headers={"Retry-After": "5"})
             await asyncio.sleep(0.25)
             session = await self.sessions.fetch(existing.request_id)
         return Finished(
-            request_id=existing.request_id, status=session["status"],
+            request_id=client_id, status=session["status"],
             finish_reason=session.get("finish_reason") or "error", completion=session["completion"],
             usage=Usage(prompt_tokens=session["prompt_tokens"], completion_tokens=session["completion_tokens"],
                         cost_far=session["cost"]),
@@ -349,4 +364,4 @@ class Submitter:
 
 
 RouteCheck = Callable[[], Awaitable[bool]]
-__all__ = ["Ask", "Finished", "Live", "Metrics", "Refused", "RouteCheck", "StreamEnded", "Submitter", "refusal"]
+__all__ = ["Ask", "CLIENT_ID_MAX_LENGTH", "ClientRequestId", "Finished", "Live", "Metrics", "Refused", "RouteCheck", "StreamEnded", "Submitter", "refusal"]

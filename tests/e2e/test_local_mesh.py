@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
+from farmesh.billing import accounts
 from farmesh.dev.local_services import pid_alive
 from tests.support.money import farmesh
 
@@ -59,15 +60,16 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
             assert r.status_code == 200
             assert sum(x == "event: token" for x in lines) == 100 and "event: done" in lines
             conn = await asyncpg.connect(database_url)
-            try:
+            try:  # the mesh knows test-001 scoped by the demo key's account
+                rid = await _mesh_id(conn, api_key, "test-001")
                 for _ in range(100):
-                    if await conn.fetchval("SELECT count(*) FROM far_session_contributions WHERE request_id='test-001'") == 2 \
-                            and await conn.fetchval("SELECT count(*) FROM far_payment_items WHERE request_id='test-001'") == 2:
+                    if await conn.fetchval("SELECT count(*) FROM far_session_contributions WHERE request_id=$1", rid) == 2 \
+                            and await conn.fetchval("SELECT count(*) FROM far_payment_items WHERE request_id=$1", rid) == 2:
                         break  # recorded by the ledger and by the payments group
                     time.sleep(0.1)
-                session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = 'test-001'")
-                rows = await conn.fetch("SELECT * FROM far_session_contributions WHERE request_id = 'test-001'")
-                reservation = await conn.fetchrow("SELECT * FROM far_reservations WHERE request_id = 'test-001'")
+                session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", rid)
+                rows = await conn.fetch("SELECT * FROM far_session_contributions WHERE request_id = $1", rid)
+                reservation = await conn.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", rid)
             finally:
                 await conn.close()
         assert session["status"] == "completed" and session["completion_tokens"] == 100
@@ -89,6 +91,12 @@ async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empt
     assert up.returncode == 0, err[-3000:]
     assert len(child_pids) >= 6  # broker, dht, 2 nodes, ledger, worker, gateway (PostgreSQL is external here)
     assert leftovers == [], f"processes left running: {leftovers}"
+
+
+async def _mesh_id(conn: asyncpg.Connection, api_key: str, request_id: str) -> str:
+    """The mesh's id of the key's account's request `request_id` (request ids are private to an account)."""
+    client = await accounts.authenticate(conn, f"Bearer {api_key}")
+    return accounts.mesh_request_id(client.account_id, request_id)
 
 
 async def _openai_checks(gateway: str, api_key: str, database_url: str, model_dir: Path) -> None:
@@ -127,8 +135,9 @@ async def _openai_checks(gateway: str, api_key: str, database_url: str, model_di
     await stream.close()
     conn = await asyncpg.connect(database_url)
     try:
+        mesh_id = await _mesh_id(conn, api_key, key)
         for _ in range(300):
-            session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", key)
+            session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", mesh_id)
             if session is not None:
                 break
             await asyncio.sleep(0.1)
@@ -152,6 +161,7 @@ def test_demo_runs_on_embedded_defaults(tmp_path):
     done = json.loads(out.split("--- ", 2)[2].splitlines()[0])
     assert done["event"] == "done" and done["usage"]["completion_tokens"] == 20
     assert "far_session_contributions:" in out
+    assert re.search(r"^  request_id\s+test-001$", out, re.M), out  # the client's own id, as it named it
     table = out.split("far_session_contributions:")[1].splitlines()[2:]
     rows = [ln.split() for ln in table if ln.startswith("  Qm")]
     assert [r[1] for r in rows] == ["0:2", "2:4"] and all(int(r[2]) == int(rows[0][2]) > 20 for r in rows)

@@ -109,6 +109,7 @@ async def test_an_aborted_stream_stops_within_a_token_and_pays_only_what_was_del
     streamed = apps[0].state.submitter.metrics.tokens
     before = streamed._value.get()
     key = f"abort-{uuid.uuid4().hex[:8]}"
+    mesh_id = accounts.mesh_request_id(issued.account_id, key)  # the key, scoped by the account
     stream = await client.completions.create(model=swarm.dht_prefix, prompt="Keep talking about the mesh",
                                              max_tokens=200, temperature=0, stream=True,
                                              extra_headers={"Idempotency-Key": key})
@@ -119,7 +120,7 @@ async def test_an_aborted_stream_stops_within_a_token_and_pays_only_what_was_del
             break
     await stream.close()  # the client goes away
     for _ in range(300):
-        session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", key)
+        session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", mesh_id)
         if session is not None:
             break
         await asyncio.sleep(0.1)
@@ -128,6 +129,6 @@ async def test_an_aborted_stream_stops_within_a_token_and_pays_only_what_was_del
     assert 0 <= session["completion_tokens"] - delivered <= 1, (session["completion_tokens"], delivered)
     assert session["completion_tokens"] < 200
     assert session["cost"] == session["completion_tokens"] * session["price_per_token"]
-    reservation = await db_pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", key)
+    reservation = await db_pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", mesh_id)
     assert reservation["status"] == "released" and reservation["charged"] == session["cost"]
     assert await audit_breaks(db_pool) == []

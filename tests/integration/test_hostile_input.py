@@ -222,12 +222,18 @@ async def test_an_unauthenticated_chat_is_401_and_a_valid_one_is_reserved_and_pu
 # ------------------------------------------------------------------------------------------------ helpers
 
 async def reserved(gateway: Gateway, ids: list[str]) -> int:
-    return await gateway.env.pool.fetchval("SELECT count(*) FROM far_reservations WHERE request_id = ANY($1)", ids)
+    """How many of the gateway account's client ids `ids` hold a reservation (under their mesh ids)."""
+    mesh_ids = [accounts.mesh_request_id(gateway.account_id, rid) for rid in ids]
+    return await gateway.env.pool.fetchval("SELECT count(*) FROM far_reservations WHERE request_id = ANY($1)",
+                                           mesh_ids)
 
 
 async def published(gateway: Gateway) -> set[str]:
-    return {InferenceRequested.model_validate_json(v).request_id
-            for v in await read_all(gateway.env.bootstrap, topics.REQUESTS.name)}
+    """The client ids of the gateway account's published requests (the events carry mesh ids)."""
+    suffix = f".{gateway.account_id.hex}"
+    return {accounts.client_request_id(rid) for rid in
+            (InferenceRequested.model_validate_json(v).request_id
+             for v in await read_all(gateway.env.bootstrap, topics.REQUESTS.name)) if rid.endswith(suffix)}
 
 
 async def assert_no_trace(gateway: Gateway, ids: list[str], balance_before: tuple[int, int]) -> None:

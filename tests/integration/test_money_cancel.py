@@ -83,11 +83,12 @@ async def test_a_client_that_disconnects_pays_only_for_what_was_delivered(env, t
                             break  # the client goes away
         await wait_caught_up(env.bootstrap, topics.GROUP_INFERENCE, topics.REQUESTS.name, timeout=60)
         await wait_caught_up(env.bootstrap, topics.GROUP_LEDGER, topics.SESSIONS.name)
-    session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", rid)
+    mesh_id = accounts.mesh_request_id(issued.account_id, rid)  # the client's rid, scoped by its account
+    session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", mesh_id)
     assert session["status"] == "cancelled" and "cancelled: the client disconnected" in session["error"]
     assert 2 <= session["completion_tokens"] < MAX_TOKENS
     assert session["cost"] == session["completion_tokens"] * Decimal("0.0001")
-    reservation = await env.pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", rid)
+    reservation = await env.pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", mesh_id)
     assert reservation["status"] == "released" and reservation["charged"] == session["cost"]
     have, reserved = await accounts.balance(env.pool, issued.account_id)
     assert money.to_far(have) == Decimal(1) - session["cost"] and reserved == 0

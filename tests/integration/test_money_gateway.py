@@ -95,8 +95,9 @@ async def test_a_small_credit_runs_requests_until_402(env, gateway):
     assert await counter(gateway, "farmesh_gateway_payment_required_total") == refused_before + 1
     assert refused["error"] == "insufficient_funds"
     assert (refused["required_far"], refused["available_far"]) == ("0.0003", "0.0001")
-    assert f"{run}-3" not in await queued(env)  # nothing was published for the refused request
-    assert await env.pool.fetchval("SELECT count(*) FROM far_reservations WHERE request_id = $1", f"{run}-3") == 0
+    refused_id = accounts.mesh_request_id(issued.account_id, f"{run}-3")  # the mesh's id of the client's {run}-3
+    assert refused_id not in await queued(env)  # nothing was published for the refused request
+    assert await env.pool.fetchval("SELECT count(*) FROM far_reservations WHERE request_id = $1", refused_id) == 0
     have, reserved = await accounts.balance(env.pool, issued.account_id)
     assert (have, reserved) == (money.to_base_units(Decimal("0.0001")), 0)
 
@@ -152,7 +153,14 @@ async def test_a_session_is_visible_to_its_own_key_only(env, gateway):
     assert own.status_code == 200 and own.json()["cost"] == "0.0003"
     other = await gateway.get(f"/api/sessions/{rid}", headers={"Authorization": f"Bearer {bob.key}"})
     assert other.status_code == 404
-    # Bob cannot reuse Alice's request id either (409), and is not charged for trying.
+    unknown = await gateway.get(f"/api/sessions/{rid}-x", headers={"Authorization": f"Bearer {alice.key}"})
+    assert (other.status_code, other.json()["error"]) == (unknown.status_code, unknown.json()["error"])
+    # Request ids are private to an account: Bob's use of the same id is his own request (not a 409 telling him
+    # Alice's exists), charged to him only; Alice's session is untouched.
     status, body = await post(gateway, {"prompt": "hi", "max_tokens": 3, "request_id": rid}, bob.key)
-    assert status == 409 and body["error"] == "duplicate_request_id"
-    assert await accounts.balance(env.pool, bob.account_id) == (money.to_base_units(Decimal(1)), 0)
+    assert status == 200 and body[-1][0] == "done" and body[-1][1]["request_id"] == rid
+    await settled(env)
+    assert await accounts.balance(env.pool, bob.account_id) == (money.to_base_units(Decimal("0.9997")), 0)
+    assert await accounts.balance(env.pool, alice.account_id) == (money.to_base_units(Decimal("0.9997")), 0)
+    assert (await gateway.get(f"/api/sessions/{rid}", headers={"Authorization": f"Bearer {alice.key}"})).json() \
+        == own.json()

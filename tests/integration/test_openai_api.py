@@ -215,11 +215,12 @@ async def test_a_repeated_idempotency_key_is_generated_and_charged_once(env, tin
         with pytest.raises(openai.UnprocessableEntityError):  # the same key for another request
             await mesh.client(0).completions.create(**{**ask, "prompt": "something else"})
         await settled(env)
-        assert sum(g.runs.count(key) for g in mesh.generators) == 1
-        sessions = await env.pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE request_id = $1", key)
+        mesh_id = accounts.mesh_request_id(mesh.account_id, key)  # the key, scoped by the account
+        assert sum(g.runs.count(mesh_id) for g in mesh.generators) == 1
+        sessions = await env.pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE request_id = $1", mesh_id)
         debits = await env.pool.fetchval(
             "SELECT count(*) FROM far_ledger_entries e JOIN far_ledger_transactions t USING (txn_id) "
-            "WHERE t.request_id = $1 AND e.side = 'debit'", key)
+            "WHERE t.request_id = $1 AND e.side = 'debit'", mesh_id)
         have, reserved = await accounts.balance(env.pool, mesh.account_id)
         assert (sessions, debits, reserved) == (1, 1, 0)
         assert money.to_far(have) == Decimal(10) - 3 * PRICE
@@ -273,9 +274,10 @@ async def test_a_request_no_worker_starts_before_its_deadline_expires_uncharged(
         assert e.value.status_code == 504 and e.value.body["code"] == "expired"
         assert len("".join([c.choices[0].text async for c in busy])) > 0
         await settled(env)
-        session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", key)
-        reservation = await env.pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", key)
+        mesh_id = accounts.mesh_request_id(mesh.account_id, key)
+        session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", mesh_id)
+        reservation = await env.pool.fetchrow("SELECT * FROM far_reservations WHERE request_id = $1", mesh_id)
         assert session["status"] == "expired" and session["completion_tokens"] == 0 and session["cost"] == 0
         assert reservation["status"] == "released" and reservation["charged"] == 0
-        assert all(key not in g.runs for g in mesh.generators)  # never generated
+        assert all(mesh_id not in g.runs for g in mesh.generators)  # never generated
         assert await audit_breaks(env.pool) == []
