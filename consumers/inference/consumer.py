@@ -54,7 +54,6 @@ from farmesh.billing.pricing import Work
 from farmesh.kafka import messaging
 from schemas import topics
 from schemas.events import (
-    DeadLetter,
     FailReason,
     InferenceCancelled,
     InferenceCompleted,
@@ -264,12 +263,10 @@ class InferenceRouter(KafkaRouter):
             description="A request's tokens as they come, then its end with usage, to the request's own "
                         "reply_topic: farmesh.inference.replies.<gateway id>, one per gateway",
         )
-        # Sent by the broker's DeadLetterMiddleware (farmesh/kafka/messaging.py), which also counts them; declared
-        # so the group's contract names them and tests can watch them (.mock).
-        self.dead_letters = self.publisher(
-            topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_INFERENCE}", schema=DeadLetter,
-            description="Requests and cancellations that do not validate against their schema, and requests that "
-                        "match no open reservation (not run), with why",
+        self.dead_letters = messaging.declare_dead_letters(
+            self, topics.GROUP_INFERENCE,
+            "Requests and cancellations that do not validate against their schema, and requests that "
+            "match no open reservation (not run), with why",
         )
         # No consumer group: every worker hears every cancellation and stops the request if it runs it.
         # Fetch waits: a request must start at once (fetch_wait_ms, see Settings.latency_fetch_wait_ms); a

@@ -30,7 +30,7 @@ from consumers.ledger.repository import PostgresLedger
 from farmesh.kafka import messaging
 from farmesh.kafka.batches import outcomes_of
 from schemas import topics
-from schemas.events import Contribution, DeadLetter
+from schemas.events import Contribution
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,9 @@ class LedgerRouter(KafkaRouter):
 
     def __init__(self) -> None:
         super().__init__()
-        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them in the service's registry); declared
-        # so the group's contract names them and tests can watch them (.mock).
-        self.dead_letters = self.publisher(
-            topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_LEDGER}",
-            description="Session records the ledger cannot settle, with why",
+        self.dead_letters = messaging.declare_dead_letters(
+            self, topics.GROUP_LEDGER,
+            "Session records the ledger cannot settle, with why",
         )
         self.subscriber(
             topics.SESSIONS.name, group_id=topics.GROUP_LEDGER, batch=True, max_records=MAX_RECORDS,

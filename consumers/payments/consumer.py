@@ -33,7 +33,7 @@ from consumers.payments.repository import PostgresPayments
 from farmesh.kafka import messaging
 from farmesh.kafka.batches import outcomes_of
 from schemas import topics
-from schemas.events import DeadLetter, PaymentBatchClosed
+from schemas.events import PaymentBatchClosed
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,9 @@ class PaymentsRouter(KafkaRouter):
             topics.PAYMENTS.name, schema=PaymentBatchClosed, title=f"{topics.PAYMENTS.name}:{topics.GROUP_PAYMENTS}",
             description="A closed ISO week's payment batch, one line per wallet, keyed by the week",
         )
-        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them in the service's registry); declared
-        # so the group's contract names them and tests can watch them (.mock).
-        self.dead_letters = self.publisher(
-            topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_PAYMENTS}",
-            description="Session records the payments group will not pay, with why",
+        self.dead_letters = messaging.declare_dead_letters(
+            self, topics.GROUP_PAYMENTS,
+            "Session records the payments group will not pay, with why",
         )
         self.subscriber(
             topics.SESSIONS.name, group_id=topics.GROUP_PAYMENTS, batch=True, max_records=MAX_RECORDS,

@@ -43,7 +43,7 @@ from consumers.registry.repository import PostgresNodes
 from farmesh.kafka import messaging
 from farmesh.swarm.identity import SignatureError, verify_payload
 from schemas import topics
-from schemas.events import DeadLetter, NodeHeartbeat, NodeTimedOut, node_event_adapter
+from schemas.events import NodeHeartbeat, NodeTimedOut, node_event_adapter
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +193,10 @@ class RegistryRouter(KafkaRouter):
                         "Ed25519 key (key_id, signature), applied when consumed like any event (the registry stays "
                         "a pure function of the topic); unsigned or foreign-signed ones are dead-lettered",
         )
-        # Sent by farmesh.kafka.messaging.send_dead_letter (it also counts them); declared so the group's contract
-        # names them and tests can watch them (.mock).
-        self.dead_letters = self.publisher(
-            topics.DEAD_LETTER.name, title=f"{topics.DEAD_LETTER.name}:{topics.GROUP_REGISTRY}", schema=DeadLetter,
-            description="Heartbeat-topic records refused (malformed, unsigned, badly signed, stale, skewed; "
-                        "time-out decisions not signed by the registry), with why",
+        self.dead_letters = messaging.declare_dead_letters(
+            self, topics.GROUP_REGISTRY,
+            "Heartbeat-topic records refused (malformed, unsigned, badly signed, stale, skewed; "
+            "time-out decisions not signed by the registry), with why",
         )
         self.subscriber(
             topic, group_id=group_id, batch=True, max_records=max_records,

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any, Iterable
 
 from faststream import BaseMiddleware
-from faststream.kafka import KafkaBroker
+from faststream.kafka import KafkaBroker, KafkaRouter
 from faststream.kafka.publisher import DefaultPublisher
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry, Counter
@@ -84,6 +84,14 @@ def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **k
         registry=registry,
     )
     return broker
+
+
+def declare_dead_letters(router: KafkaRouter, group: str, description: str) -> Any:
+    """A consumer group's dead letters as a publisher its router declares: sent by `send_dead_letter` or the
+    DeadLetterMiddleware (which also count them), declared so the group's contract (AsyncAPI) names them and unit
+    tests can watch them (`.mock`)."""
+    return router.publisher(topics.DEAD_LETTER.name, schema=DeadLetter, title=f"{topics.DEAD_LETTER.name}:{group}",
+                            description=description)
 
 
 async def publish(broker: KafkaBroker, topic: str, event: Event, key: str) -> None:
