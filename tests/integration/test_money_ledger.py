@@ -3,6 +3,7 @@ settlement, ledger postings, payments projection; redelivered and duplicated eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -73,6 +74,7 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
     async with env.pool.acquire() as conn:
         issued = await accounts.create_client(conn, "fifty", money.to_base_units(Decimal(1)))
     run = uuid.uuid4().hex[:6]
+    mesh_id = functools.partial(accounts.mesh_request_id, issued.account_id)  # the gateway scopes each client id
     bodies = [{"prompt": f"session {i}", "max_tokens": 6, "request_id": f"{run}-{i}"} for i in range(50)]
     results = []
     for chunk in range(0, 50, 10):
@@ -96,10 +98,10 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
         refused = [d for d in map(DeadLetter.model_validate_json, await read_all(env.bootstrap, topics.DEAD_LETTER.name))
                    if d.consumer_group == topics.GROUP_INFERENCE and f'"request_id":"{run}-' in d.payload]
         assert sorted(InferenceRequested.model_validate_json(d.payload).request_id for d in refused) == \
-            sorted(b["request_id"] for b in bodies)
+            sorted(mesh_id(b["request_id"]) for b in bodies)
         assert {d.reason.split(" is ")[1].split()[0].rstrip(":") for d in refused} == {"settled", "released"}
         # What a second run of each request would publish: acceptable (the reserved terms), and it loses.
-        reruns = [outcome(f"{run}-{i}", issued.account_id, 1 + i % 6, datetime.now(timezone.utc), i=i + 1, price=PRICE,
+        reruns = [outcome(mesh_id(f"{run}-{i}"), issued.account_id, 1 + i % 6, datetime.now(timezone.utc), i=i + 1, price=PRICE,
                           fee=FEE) for i in range(50)]
         for o in reruns:
             await again.publish(o, topics.SESSIONS.name, key=o.request_id.encode())
@@ -119,7 +121,7 @@ async def test_fifty_sessions_with_redelivered_and_duplicated_events_audit_clean
         "SELECT * FROM far_mesh_sessions WHERE request_id LIKE $1", f"{run}-%")}
     assert len(sessions) == 50
     for i, (status, events) in enumerate(results):
-        s = sessions[f"{run}-{i}"]
+        s = sessions[mesh_id(f"{run}-{i}")]
         delivered = sum(name == "token" for name, _ in events)
         assert s["completion_tokens"] == delivered and s["cost"] == delivered * PRICE  # only delivered tokens
         assert s["platform_fee"] == money.to_far(money.to_base_units(s["cost"]) * 5 // 100)
