@@ -27,45 +27,6 @@ WHERE $1::timestamptz IS NULL OR NOT EXISTS (
 """
 
 
-def _show(value: Any) -> str:
-    return money.text(value) if isinstance(value, Decimal) else str(value)
-
-
-def _differing(key: str, live_sql: str, replay_sql: str, columns: tuple[str, ...]) -> str:
-    """The rows that differ between the two queries (only on one side, or a compared column not equal),
-    found by the database: neither side is loaded into memory."""
-    sides = ", ".join(f"l.{c} AS live_{c}, r.{c} AS replay_{c}" for c in columns)
-    changed = " OR ".join(f"l.{c} IS DISTINCT FROM r.{c}" for c in columns)
-    return (f"SELECT COALESCE(l.{key}, r.{key}) AS k, l.{key} IS NOT NULL AS in_live, r.{key} IS NOT NULL AS in_replay, "
-            f"{sides} FROM ({live_sql}) l FULL JOIN ({replay_sql}) r ON l.{key} = r.{key} "
-            f"WHERE l.{key} IS NULL OR r.{key} IS NULL OR {changed} "
-            f"ORDER BY COALESCE(l.{key}, r.{key})::text COLLATE \"C\"")
-
-
-async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> list[str]:
-    """Every difference between the far_replay projections and the live ledger (empty: identical)."""
-    differences: list[str] = []
-    async with conn.transaction(isolation="repeatable_read"):
-        await conn.execute("CREATE TEMP TABLE replay_scope (request_id TEXT PRIMARY KEY) ON COMMIT DROP")
-        await conn.execute(_SCOPE, since)
-        await conn.execute("ANALYZE replay_scope")  # a temporary table is never analyzed otherwise
-        for what, key, live_sql, replay_sql, columns in _COMPARE:
-            for row in await conn.fetch(_differing(key, live_sql, replay_sql, columns)):
-                if not row["in_live"]:
-                    differences.append(f"{what} {row['k']}: only in the replay ({_fields(row, 'replay', columns)})")
-                elif not row["in_replay"]:
-                    differences.append(f"{what} {row['k']}: only in the live ledger ({_fields(row, 'live', columns)})")
-                else:
-                    differences.append(f"{what} {row['k']}: " + ", ".join(
-                        f"{c} live={_show(row['live_' + c])} replay={_show(row['replay_' + c])}"
-                        for c in columns if row["live_" + c] != row["replay_" + c]))
-    return differences
-
-
-def _fields(row: asyncpg.Record, side: str, columns: tuple[str, ...]) -> str:
-    return ", ".join(f"{c}={_show(row[side + '_' + c])}" for c in columns)
-
-
 # (what, key, live query, replay query, compared columns) -- both queries restricted to the scope
 _COMPARE: list[tuple[str, str, str, str, tuple[str, ...]]] = [
     ("session", "request_id",
@@ -103,3 +64,42 @@ _COMPARE: list[tuple[str, str, str, str, tuple[str, ...]]] = [
      f"WHERE request_id IN (SELECT request_id FROM replay_scope)",
      ("request_id", "peer_id", "amount")),
 ]
+
+
+def _show(value: Any) -> str:
+    return money.text(value) if isinstance(value, Decimal) else str(value)
+
+
+def _differing(key: str, live_sql: str, replay_sql: str, columns: tuple[str, ...]) -> str:
+    """The rows that differ between the two queries (only on one side, or a compared column not equal),
+    found by the database: neither side is loaded into memory."""
+    sides = ", ".join(f"l.{c} AS live_{c}, r.{c} AS replay_{c}" for c in columns)
+    changed = " OR ".join(f"l.{c} IS DISTINCT FROM r.{c}" for c in columns)
+    return (f"SELECT COALESCE(l.{key}, r.{key}) AS k, l.{key} IS NOT NULL AS in_live, r.{key} IS NOT NULL AS in_replay, "
+            f"{sides} FROM ({live_sql}) l FULL JOIN ({replay_sql}) r ON l.{key} = r.{key} "
+            f"WHERE l.{key} IS NULL OR r.{key} IS NULL OR {changed} "
+            f"ORDER BY COALESCE(l.{key}, r.{key})::text COLLATE \"C\"")
+
+
+async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> list[str]:
+    """Every difference between the far_replay projections and the live ledger (empty: identical)."""
+    differences: list[str] = []
+    async with conn.transaction(isolation="repeatable_read"):
+        await conn.execute("CREATE TEMP TABLE replay_scope (request_id TEXT PRIMARY KEY) ON COMMIT DROP")
+        await conn.execute(_SCOPE, since)
+        await conn.execute("ANALYZE replay_scope")  # a temporary table is never analyzed otherwise
+        for what, key, live_sql, replay_sql, columns in _COMPARE:
+            for row in await conn.fetch(_differing(key, live_sql, replay_sql, columns)):
+                if not row["in_live"]:
+                    differences.append(f"{what} {row['k']}: only in the replay ({_fields(row, 'replay', columns)})")
+                elif not row["in_replay"]:
+                    differences.append(f"{what} {row['k']}: only in the live ledger ({_fields(row, 'live', columns)})")
+                else:
+                    differences.append(f"{what} {row['k']}: " + ", ".join(
+                        f"{c} live={_show(row['live_' + c])} replay={_show(row['replay_' + c])}"
+                        for c in columns if row["live_" + c] != row["replay_" + c]))
+    return differences
+
+
+def _fields(row: asyncpg.Record, side: str, columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{c}={_show(row[side + '_' + c])}" for c in columns)
