@@ -37,8 +37,9 @@ from uuid import UUID
 import asyncpg
 from pydantic import ValidationError
 
+from db.views.acceptance import Facts
 from db.views.reservations import reservations_with_taken
-from farmesh.billing.acceptance import contribution_conflict, money_problem, reservation_problem
+from farmesh.billing.acceptance import contribution_conflict, outcome_problem
 from farmesh.kafka.log_reader import read_log_batches
 from schemas import topics
 from schemas.events import NodeContribution, SessionOutcome, session_event_adapter
@@ -195,6 +196,7 @@ async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | N
                     list(unknown))}
                 clients |= found
                 strangers |= unknown - found
+            facts = Facts(reservations=reservations, taken=taken, clients=clients)
             for record, event in parsed:
                 if isinstance(event, str):
                     state.rejected.append((record.partition, record.offset, event))
@@ -205,12 +207,8 @@ async def _read(lookups: asyncpg.Connection, bootstrap: str, since: datetime | N
                     chunk.seen.append((event.event_id, event.request_id))
                 # The ledger's rule, in log order: money adds up, a known client, the request's reservation and
                 # the pricing rule's split, contribution ids not taken.
-                problem = money_problem(event)
-                if problem is None and event.account_id not in clients:
-                    problem = f"unknown client account {event.account_id}"
+                problem = outcome_problem(event, facts)
                 won = taken.get(event.request_id, ())
-                if problem is None:
-                    problem = reservation_problem(event, reservations.get(event.request_id), won)
                 if problem is None and event.request_id not in winners:
                     problem = contribution_conflict(event, owners)
                 if problem is not None:
