@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("farmesh.dev.cli:up", 'Run the whole mesh locally until Ctrl-C / SIGTERM.'),
     "demo": ("farmesh.dev.cli:demo",
                 "Start the local mesh, send the plan's request, print the stream and the ledger, stop."),
-    "model": ("farmesh.dev.tiny_model:model_group", 'Model directories for a local mesh.'),
+    "model": ("farmesh.models.cli:model_group", "Model directories: import a GGUF file, SmolLM2, the tiny model."),
     "docs": ("consumers.asyncapi:docs", 'Generated documentation.'),
 }
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -105,16 +104,3 @@ def write_tiny_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
-
-
-@click.group("model")
-def model_group() -> None:
-    """Model directories for a local mesh."""
-
-
-@model_group.command("tiny")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-def tiny_command(directory: Path, seed: int) -> None:
-    """Write a random tiny Llama (4 layers, vocab 4096) with its tokenizer to DIRECTORY."""
-    click.echo(f"tiny model written to {write_tiny_model(directory, seed)}")

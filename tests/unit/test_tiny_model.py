@@ -9,7 +9,8 @@ import transformers.utils.hub
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from farmesh.dev.tiny_model import VOCAB_SIZE, model_group, write_tiny_model
+from farmesh.dev.tiny_model import VOCAB_SIZE, write_tiny_model
+from farmesh.models.cli import model_group
 
 
 def _files(directory: Path) -> dict[str, bytes]:
