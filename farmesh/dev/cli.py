@@ -10,7 +10,7 @@ from farmesh.runtime.settings import Settings
 
 
 @click.command()
-@with_settings("kafka_bootstrap", "database_url", "model", "price_per_token")
+@with_settings("kafka_bootstrap", "broker", "database_url", "model", "price_per_token")
 @click.option("--gateway-port", type=int, default=None, help="Gateway port (default: FARMESH_GATEWAY_PORT, 8000; 0 = any free port)")
 @click.option("--nodes", type=click.IntRange(1, 8), default=2, show_default=True, help="Petals nodes sharing the model's blocks")
 def up(settings: Settings, gateway_port: int | None, nodes: int) -> None:
@@ -21,7 +21,7 @@ def up(settings: Settings, gateway_port: int | None, nodes: int) -> None:
 
 
 @click.command()
-@with_settings("kafka_bootstrap", "database_url", "model", "price_per_token")
+@with_settings("kafka_bootstrap", "broker", "database_url", "model", "price_per_token")
 @click.option("--gateway-port", type=int, default=0, show_default=True, help="0 = any free port")
 @click.option("--nodes", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--prompt", default="Hello, how are you?", show_default=True)

