@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # tests/unit/test_cli.py checks it against each command's own docstring.
 COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("producers.gateway.cli:gateway",
-                'The HTTP gateway (SSE generation, sessions, health, metrics).'),
+                'The HTTP gateway (SSE generation, sessions, heartbeat ingress, discovery, health, metrics).'),
     "worker": ("consumers.inference.cli:worker",
                 'Consumer group `inference`: runs requests on the Petals swarm.'),
     "ledger": ("consumers.ledger.cli:ledger",

@@ -51,32 +51,61 @@ def announce(line: str) -> None:
     sys.stdout.flush()
 
 
+def swarm_options(fn: Callable) -> Callable:
+    """--host, --announce-host and --swarm-networks: where a swarm process listens, what it announces, and the
+    networks every address it listens on, announces or dials must be in."""
+    fn = click.option("--swarm-networks", envvar=petals_compat.SWARM_NETWORKS_ENV, default=None,
+                      help="CIDRs where libp2p may listen, announce and dial (comma separated) "
+                           f"[{petals_compat.SWARM_NETWORKS_ENV}; default: loopback, "
+                           f"{petals_compat.DEFAULT_SWARM_NETWORKS}].")(fn)
+    fn = click.option("--announce-host", envvar=petals_compat.SWARM_ANNOUNCE_HOST_ENV, default=None,
+                      help="The IP address other peers dial (e.g. a fixed public or overlay address); default: "
+                           f"--host [{petals_compat.SWARM_ANNOUNCE_HOST_ENV}].")(fn)
+    fn = click.option("--host", envvar=petals_compat.SWARM_HOST_ENV, default=None,
+                      help=f"IP address to listen on, inside the allowed networks [{petals_compat.SWARM_HOST_ENV}; "
+                           f"default: {LOOPBACK_HOST}].")(fn)
+    return fn
+
+
+def check_swarm_addresses(host: str | None, announce_host: str | None, swarm_networks: str | None,
+                          peers: Sequence[str]) -> tuple[str, str]:
+    """Configure this process's networks and check the listen and announce addresses and every initial peer
+    against them: (host, announce host), or one click.UsageError naming what is outside."""
+    try:
+        petals_compat.configure(networks=swarm_networks)
+        host = petals_compat.check_host(host or LOOPBACK_HOST, "--host")
+        announce_host = petals_compat.check_host(announce_host or host, "--announce-host")
+        petals_compat.require_allowed(peers, "initial peers")
+        petals_compat.configure(host=host, announce_host=announce_host)
+    except petals_compat.AddressNotAllowedError as error:
+        raise click.UsageError(str(error)) from None
+    return host, announce_host
+
+
 @click.command("dht")
-@click.option("--host", default=LOOPBACK_HOST, show_default=True, help="Loopback address to listen on.")
+@swarm_options
 @click.option("--port", type=int, default=None, help="TCP port (default: a free one).")
 @click.option("--identity-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Private key file; makes the peer id stable across restarts (created if missing).")
 @click.option("--initial-peers", "other_bootstrap_peers", multiple=True,
               help="Multiaddrs of the mesh's other bootstrap peers (repeatable or comma separated), for redundancy.")
-def dht_command(host: str, port: int | None, identity_path: Path | None,
-                other_bootstrap_peers: Sequence[str] = ()) -> None:
+def dht_command(host: str | None, announce_host: str | None, swarm_networks: str | None, port: int | None,
+                identity_path: Path | None, other_bootstrap_peers: Sequence[str] = ()) -> None:
     """Run the mesh's DHT bootstrap peer until SIGTERM/SIGINT."""
     peers = [p for value in other_bootstrap_peers for p in parse_peers(value)]
-    try:
-        petals_compat.require_loopback(peers, "initial peers")
-    except petals_compat.NonLoopbackAddressError as error:
-        raise click.UsageError(str(error)) from None
+    host, announce_host = check_swarm_addresses(host, announce_host, swarm_networks, peers)
     petals_compat.install()
     from hivemind import DHT
 
     # announce_maddrs needs an explicit port, so port 0 is resolved here rather than by libp2p.
-    maddr = f"/ip4/{host}/tcp/{port or free_port(host)}"
+    port = port or free_port(host)
+    announced = petals_compat.tcp_maddr(announce_host, port)
     dht = DHT(
         start=True,
-        host_maddrs=[maddr],
-        announce_maddrs=[maddr],
+        host_maddrs=[petals_compat.tcp_maddr(host, port)],
+        announce_maddrs=[announced],
         identity_path=str(identity_path) if identity_path else None,
         initial_peers=peers,
     )
-    announce(f"{DHT_READY} maddr={maddr}/p2p/{dht.peer_id}")
+    announce(f"{DHT_READY} maddr={announced}/p2p/{dht.peer_id}")
     wait_for_signal(dht.shutdown)

@@ -1,4 +1,5 @@
-"""Every adaptation Far Mesh needs to run Petals 2.2.0.post1 on hivemind 1.1.12 as a loopback-only swarm.
+"""Every adaptation Far Mesh needs to run Petals 2.2.0.post1 on hivemind 1.1.12 as a private swarm: one that
+listens, announces and dials only inside the mesh's own networks (FARMESH_SWARM_NETWORKS; default loopback).
 
 Call `install()` before the first `import petals` (it is idempotent). Each adaptation below has a test in
 tests/unit/test_petals_compat.py that fails once upstream changes so the adaptation is no longer needed
@@ -12,6 +13,7 @@ import functools
 import importlib
 import inspect
 import ipaddress
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -58,33 +60,148 @@ _ORIGINAL_P2P_CREATE = P2P.create.__func__
 _P2P_CREATE_SIGNATURE = inspect.signature(_ORIGINAL_P2P_CREATE)
 
 
-class NonLoopbackAddressError(ValueError):
-    """A libp2p daemon was asked to listen on, announce or dial an address outside this machine."""
+SWARM_NETWORKS_ENV = "FARMESH_SWARM_NETWORKS"
+SWARM_HOST_ENV = "FARMESH_SWARM_HOST"
+SWARM_ANNOUNCE_HOST_ENV = "FARMESH_SWARM_ANNOUNCE_HOST"
+# Loopback only: a swarm on one host, exactly what `farmesh up` and `farmesh demo` run.
+DEFAULT_SWARM_NETWORKS = "127.0.0.0/8,::1/128"
+# hivemind's own default listen address (P2P.create's host_maddrs): a client's daemon listens there unless told.
+_UPSTREAM_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AddressNotAllowedError(ValueError):
+    """A libp2p daemon was asked to listen on, announce or dial an address outside the mesh's own networks."""
+
+
+# The name this error had while the swarm was loopback-only (callers and tests still catch it by that name).
+NonLoopbackAddressError = AddressNotAllowedError
+
+# Set by configure() (the CLI commands, from their flags and settings); unset, the environment decides.
+_configured: dict[str, str | None] = {}
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """CIDRs separated by commas and/or whitespace (the FARMESH_SWARM_NETWORKS format); one-line ValueError."""
+    networks = []
+    for item in value.replace(",", " ").split():
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise AddressNotAllowedError(f"{SWARM_NETWORKS_ENV}: {item!r} is not a CIDR like 10.0.0.0/24") from None
+        if network.prefixlen == 0:
+            raise AddressNotAllowedError(f"{SWARM_NETWORKS_ENV}: {item!r} is every address; list the mesh's own "
+                                         "networks")
+        networks.append(network)
+    if not networks:
+        raise AddressNotAllowedError(f"{SWARM_NETWORKS_ENV} is empty; list the mesh's own networks as CIDRs")
+    return tuple(networks)
+
+
+def configure(networks: str | None = None, host: str | None = None, announce_host: str | None = None) -> None:
+    """Fix this process's allowed networks and the address its swarm clients listen on and announce (each None:
+    FARMESH_SWARM_NETWORKS / FARMESH_SWARM_HOST / FARMESH_SWARM_ANNOUNCE_HOST, else loopback). Checks them now:
+    a bad value is one AddressNotAllowedError. Forked daemons (hivemind's DHT processes) inherit it."""
+    if networks is not None:
+        parse_networks(networks)
+        _configured["networks"] = networks
+    if host is not None:
+        _configured["host"] = check_host(host, "listen host")
+    if announce_host is not None:
+        _configured["announce_host"] = check_host(announce_host, "announce host")
+
+
+def swarm_networks() -> tuple[Network, ...]:
+    return parse_networks(_configured.get("networks") or os.environ.get(SWARM_NETWORKS_ENV) or DEFAULT_SWARM_NETWORKS)
+
+
+def swarm_host() -> str | None:
+    """The address a swarm client of this process listens on (None: hivemind's loopback default)."""
+    return _configured.get("host") or os.environ.get(SWARM_HOST_ENV) or None
+
+
+def swarm_announce_host() -> str | None:
+    return _configured.get("announce_host") or os.environ.get(SWARM_ANNOUNCE_HOST_ENV) or None
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _allowed_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[Network, ...]) -> bool:
+    return not (ip.is_unspecified or ip.is_multicast) and any(ip in n for n in networks if n.version == ip.version)
+
+
+def check_host(host: str, what: str, networks: tuple[Network, ...] | None = None) -> str:
+    """`host` if it is an IP address (no names: a name may resolve anywhere) inside the allowed networks;
+    else one-line AddressNotAllowedError naming it and the networks. Never a wildcard (0.0.0.0, ::)."""
+    networks = swarm_networks() if networks is None else networks
+    ip = _ip(host.strip("[]"))
+    if ip is None:
+        raise AddressNotAllowedError(f"{what} {host!r} is not an IP address (names are not allowed)")
+    if not _allowed_ip(ip, networks):
+        raise AddressNotAllowedError(f"{what} {host} is outside the mesh's networks "
+                                     f"({SWARM_NETWORKS_ENV}={_networks_text(networks)})")
+    return str(ip)
+
+
+def _networks_text(networks: tuple[Network, ...]) -> str:
+    return ",".join(str(n) for n in networks)
+
+
+def tcp_maddr(host: str, port: int) -> str:
+    ip = ipaddress.ip_address(host)
+    return f"/ip{ip.version}/{ip}/tcp/{port}"
 
 
 def loopback_maddr(port: int) -> str:
-    return f"/ip4/{LOOPBACK_HOST}/tcp/{port}"
+    return tcp_maddr(LOOPBACK_HOST, port)
+
+
+def maddr_ip(maddr: str | Multiaddr) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a multiaddr starts with (/ip4/A/... or /ip6/A/...); None for anything else (/dns, ...)."""
+    parts = str(maddr).split("/")
+    if len(parts) < 3 or parts[0] or parts[1] not in ("ip4", "ip6"):
+        return None
+    ip = _ip(parts[2])
+    return ip if ip is not None and ip.version == int(parts[1][-1]) else None
 
 
 def is_loopback_maddr(maddr: str | Multiaddr) -> bool:
     """True for /ip4/127.x.x.x/... and /ip6/::1/... only (no DNS: a name may resolve anywhere)."""
-    parts = str(maddr).split("/")
-    if len(parts) < 3 or parts[0] or parts[1] not in ("ip4", "ip6"):
-        return False
-    try:
-        return ipaddress.ip_address(parts[2]).is_loopback
-    except ValueError:
-        return False
+    ip = maddr_ip(maddr)
+    return ip is not None and ip.is_loopback
 
 
-def require_loopback(maddrs: Iterable[str | Multiaddr], what: str) -> None:
-    outside = [str(m) for m in maddrs if not is_loopback_maddr(m)]
+def is_allowed_maddr(maddr: str | Multiaddr, networks: tuple[Network, ...] | None = None) -> bool:
+    """True for an /ip4 or /ip6 multiaddr inside the allowed networks (no DNS, no relay hop through another
+    peer, never a wildcard)."""
+    ip = maddr_ip(maddr)
+    if ip is None or "/p2p-circuit" in str(maddr):
+        return False
+    return _allowed_ip(ip, swarm_networks() if networks is None else networks)
+
+
+def require_allowed(maddrs: Iterable[str | Multiaddr], what: str, networks: tuple[Network, ...] | None = None) -> None:
+    networks = swarm_networks() if networks is None else networks
+    outside = [str(m) for m in maddrs if not is_allowed_maddr(m, networks)]
     if outside:
-        raise NonLoopbackAddressError(f"{what} must be loopback multiaddrs, got {outside}")
+        raise AddressNotAllowedError(f"{what} outside the mesh's networks ({SWARM_NETWORKS_ENV}="
+                                     f"{_networks_text(networks)}): {', '.join(outside)}")
+
+
+# The name of the check while the swarm was loopback-only; it checks against the allowed networks now (the
+# inference worker's client still calls it by this name).
+require_loopback = require_allowed
 
 
 def install() -> None:
-    """Make petals importable on hivemind 1.1.12 and keep every daemon on loopback; safe to call repeatedly."""
+    """Make petals importable on hivemind 1.1.12 and keep every daemon inside the mesh's networks; safe to call
+    repeatedly."""
     _restore_hivemind_reexports()
     _patch_p2p_create()
     _disable_version_check()
@@ -109,11 +226,28 @@ def _patch_p2p_create() -> None:
         bound = _P2P_CREATE_SIGNATURE.bind(cls, *args, **kwargs)
         bound.apply_defaults()
         bound.arguments.update(FORCED_P2P_OPTIONS)
+        _client_addresses(bound.arguments)
+        networks = swarm_networks()
         for name in _P2P_ADDRESS_ARGS:
-            require_loopback(bound.arguments[name] or (), f"P2P.create({name}=...)")
+            require_allowed(bound.arguments[name] or (), f"P2P.create({name}=...)", networks)
         return await _ORIGINAL_P2P_CREATE(*bound.args, **bound.kwargs)
 
     P2P.create = classmethod(create)
+
+
+def _client_addresses(arguments: dict[str, Any]) -> None:
+    """A daemon left on hivemind's default listen address (a Petals client's, a DHT client's) listens on this
+    process's swarm host instead, when one is set, and announces its announce host (on the same, fixed port)."""
+    host = swarm_host()
+    if host is None or tuple(str(m) for m in arguments["host_maddrs"] or ()) != _UPSTREAM_HOST_MADDRS:
+        return
+    from farmesh.runtime.net import free_port
+
+    announce = swarm_announce_host()
+    port = free_port(host) if announce else 0  # an announced address needs an explicit port
+    arguments["host_maddrs"] = [tcp_maddr(host, port)]
+    if announce and not arguments["announce_maddrs"]:
+        arguments["announce_maddrs"] = [tcp_maddr(announce, port)]
 
 
 def _skip_version_check() -> None:

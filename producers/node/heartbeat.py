@@ -90,7 +90,8 @@ class NodeDescription:
 
 @dataclass
 class HeartbeatPublisher:
-    """Publishes a node's signed heartbeats to Kafka, from the node's main thread.
+    """Publishes a node's signed heartbeats, from the node's main thread: to Kafka (`bootstrap`), or with a `url`
+    to a gateway's heartbeat ingress (POST /api/nodes/heartbeats), so the provider needs no broker access at all.
 
     It owns a private event loop that runs only while a heartbeat is being sent (no extra thread in a process
     that forks Petals workers). A heartbeat that cannot be delivered is logged and the next one tried on time:
@@ -101,6 +102,7 @@ class HeartbeatPublisher:
     identity: NodeIdentity
     description: NodeDescription
     topic: str = "farmesh.nodes.heartbeats"
+    url: str | None = None  # the gateway's heartbeat ingress; set, Kafka is never contacted
     send_timeout: float = 10.0
     clock: Callable[[], float] = time.monotonic
     sent: int = 0
@@ -126,7 +128,7 @@ class HeartbeatPublisher:
             try:
                 self._loop.run_until_complete(asyncio.wait_for(self._send(event), self.send_timeout))
             except Exception as exc:  # the broker is away: keep serving, try again next time
-                log.warning("heartbeat (%s) not delivered to %s: %r", state, self.bootstrap, exc)
+                log.warning("heartbeat (%s) not delivered to %s: %r", state, self.destination, exc)
                 self._loop.run_until_complete(self._drop_producer())
                 return False
             self.sent += 1
@@ -137,7 +139,14 @@ class HeartbeatPublisher:
         if self.clock() >= self._next_at:
             self.beat(state)
 
+    @property
+    def destination(self) -> str:
+        return self.url or self.bootstrap
+
     async def _send(self, event: NodeHeartbeat) -> None:
+        if self.url:
+            await self._post(event)
+            return
         if self._producer is None:
             from aiokafka import AIOKafkaProducer
 
@@ -150,11 +159,21 @@ class HeartbeatPublisher:
             headers=[(topics.EVENT_TYPE_HEADER, event.type.encode("ascii"))],
         )
 
+    async def _post(self, event: NodeHeartbeat) -> None:
+        import httpx
+
+        if self._producer is None:
+            self._producer = httpx.AsyncClient(timeout=self.send_timeout, trust_env=False)
+        response = await self._producer.post(self.url, content=event.model_dump_json().encode("utf-8"),
+                                             headers={"Content-Type": "application/json"})
+        if response.status_code != 202:
+            raise RuntimeError(f"ingress answered {response.status_code}: {response.text[:300]}")
+
     async def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
-                await asyncio.wait_for(producer.stop(), 5.0)
+                await asyncio.wait_for(producer.aclose() if self.url else producer.stop(), 5.0)
             except Exception:
                 pass
 

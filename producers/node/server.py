@@ -15,8 +15,16 @@ import click
 
 from farmesh.runtime.net import free_port
 from farmesh.swarm import petals_compat
-from farmesh.swarm.dht import INITIAL_PEERS_ENV, NODE_READY, announce, parse_peers, wait_for_signal
-from farmesh.swarm.petals_compat import DEFAULT_DHT_PREFIX, loopback_maddr
+from farmesh.swarm.dht import (
+    INITIAL_PEERS_ENV,
+    NODE_READY,
+    announce,
+    check_swarm_addresses,
+    parse_peers,
+    swarm_options,
+    wait_for_signal,
+)
+from farmesh.swarm.petals_compat import DEFAULT_DHT_PREFIX, tcp_maddr
 
 if TYPE_CHECKING:
     from petals.server.server import Server
@@ -27,6 +35,8 @@ DHT_PREFIX_ENV = "FARMESH_DHT_PREFIX"
 WALLET_ENV = "FARMESH_WALLET"
 HEARTBEAT_INTERVAL_ENV = "FARMESH_HEARTBEAT_INTERVAL"
 KAFKA_BOOTSTRAP_ENV = "FARMESH_KAFKA_BOOTSTRAP"
+HEARTBEAT_URL_ENV = "FARMESH_HEARTBEAT_URL"
+HEARTBEAT_PATH = "/api/nodes/heartbeats"
 DATA_DIR_ENV = "FARMESH_DATA_DIR"
 
 
@@ -62,7 +72,8 @@ class ThroughputParam(click.ParamType):
               help="Local model directory.")
 @click.option("--blocks", required=True, callback=lambda _ctx, _param, value: parse_blocks(value),
               help="Transformer blocks to serve, START:END (end exclusive).")
-@click.option("--port", type=int, default=None, help="Loopback TCP port (default: a free one).")
+@swarm_options
+@click.option("--port", type=int, default=None, help="TCP port to listen on and announce (default: a free one).")
 @click.option("--initial-peers", multiple=True,
               help=f"DHT multiaddr of our own swarm (repeatable; default: ${INITIAL_PEERS_ENV}).")
 @click.option("--dht-prefix", default=None, help=f"DHT prefix of the model (default: ${DHT_PREFIX_ENV} or "
@@ -85,10 +96,16 @@ class ThroughputParam(click.ParamType):
 @click.option("--heartbeat-interval", envvar=HEARTBEAT_INTERVAL_ENV, type=click.FloatRange(0.1, 300), default=5.0,
               show_default=True, help=f"Seconds between heartbeats [{HEARTBEAT_INTERVAL_ENV}].")
 @click.option("--kafka-bootstrap", envvar=KAFKA_BOOTSTRAP_ENV, default="127.0.0.1:9092", show_default=True,
-              help=f"Kafka bootstrap servers the heartbeats go to [{KAFKA_BOOTSTRAP_ENV}].")
+              help=f"Kafka bootstrap servers the heartbeats go to, without --heartbeat-url [{KAFKA_BOOTSTRAP_ENV}].")
+@click.option("--heartbeat-url", envvar=HEARTBEAT_URL_ENV, default=None, callback=lambda _c, _p, v: _heartbeat_url(v),
+              help=f"A gateway (http://HOST:PORT, or its full {HEARTBEAT_PATH} URL) that takes the heartbeats: the "
+                   f"node then never contacts Kafka (how a provider on another machine runs) [{HEARTBEAT_URL_ENV}].")
 def node_command(
     model_dir: Path,
     blocks: tuple[int, int],
+    host: str | None,
+    announce_host: str | None,
+    swarm_networks: str | None,
     port: int | None,
     initial_peers: Sequence[str],
     dht_prefix: str | None,
@@ -101,6 +118,7 @@ def node_command(
     wallet: str | None,
     heartbeat_interval: float,
     kafka_bootstrap: str,
+    heartbeat_url: str | None,
 ) -> None:
     """Serve transformer blocks of a local model to the mesh until SIGTERM/SIGINT.
 
@@ -114,10 +132,7 @@ def node_command(
     if not peers:
         # Petals would fall back to the public swarm; a provider node must only ever join ours.
         raise click.UsageError(f"no initial peers: pass --initial-peers or set {INITIAL_PEERS_ENV}")
-    try:
-        petals_compat.require_loopback(peers, "initial peers")
-    except petals_compat.NonLoopbackAddressError as error:
-        raise click.UsageError(str(error)) from None
+    host, announce_host = check_swarm_addresses(host, announce_host, swarm_networks, peers)
     dht_prefix = dht_prefix or os.environ.get(DHT_PREFIX_ENV) or DEFAULT_DHT_PREFIX
 
     if identity_path is None:
@@ -136,7 +151,7 @@ def node_command(
 
         throughput = measure_throughput(str(model_dir), device, torch_dtype, end - start, dht_prefix)
         click.echo(f"measured throughput: {throughput} tokens/s through blocks {start}:{end}", err=True)
-    maddr = loopback_maddr(port or free_port())
+    port = port or free_port(host)
     server = Server(
         initial_peers=peers,
         dht_prefix=dht_prefix,
@@ -147,19 +162,20 @@ def node_command(
         torch_dtype=torch_dtype,
         num_handlers=num_handlers,
         update_period=update_period,
-        host_maddrs=[maddr],
-        announce_maddrs=[maddr],
+        host_maddrs=[tcp_maddr(host, port)],
+        announce_maddrs=[tcp_maddr(announce_host, port)],
         identity_path=str(identity_path),
         use_relay=False,
         use_auto_relay=False,
-        # Known to be directly reachable on loopback; None would run a reachability probe first.
+        # Directly reachable at its announced address (the operator says so); None would run a reachability probe
+        # through other peers first.
         reachable_via_relay=False,
         skip_reachability_check=True,
     )
     heartbeats = None
     if wallet:
         heartbeats = _heartbeat_publisher(server, identity_path, kafka_bootstrap, wallet, dht_prefix, start, end,
-                                          float(throughput), device, heartbeat_interval)
+                                          float(throughput), device, heartbeat_interval, heartbeat_url)
         heartbeats.beat("joining")
     runner = threading.Thread(target=server.run, name="petals-server", daemon=True)
     runner.start()
@@ -193,8 +209,21 @@ def node_command(
     wait_for_signal(shutdown, tick=serving)
 
 
+def _heartbeat_url(value: str | None) -> str | None:
+    """The ingress URL: a gateway's base URL gets the ingress path; anything but http(s)://HOST... is refused."""
+    if not value:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"expected http(s)://HOST:PORT of a gateway, got {value!r}")
+    return value if parts.path.rstrip("/") else value.rstrip("/") + HEARTBEAT_PATH
+
+
 def _heartbeat_publisher(server: Server, identity_path: Path, bootstrap: str, wallet: str, dht_prefix: str,
-                         start: int, end: int, throughput: float, device: str, interval: float) -> HeartbeatPublisher:
+                         start: int, end: int, throughput: float, device: str, interval: float,
+                         url: str | None = None) -> HeartbeatPublisher:
     """The node's heartbeat publisher, signing with the identity its libp2p daemon runs on."""
     from farmesh.swarm.identity import NodeIdentity
     from producers.node.heartbeat import HeartbeatPublisher, NodeDescription, device_info, software_version
@@ -209,7 +238,7 @@ def _heartbeat_publisher(server: Server, identity_path: Path, bootstrap: str, wa
         total_blocks=int(server.block_config.num_hidden_layers), throughput=throughput,
         version=software_version(), device=device_info(device), interval_seconds=interval,
     )
-    return HeartbeatPublisher(bootstrap, identity, description, topic=topics.HEARTBEATS.name)
+    return HeartbeatPublisher(bootstrap, identity, description, topic=topics.HEARTBEATS.name, url=url)
 
 
 def _wait_until_online(server: Server, start: int, end: int, runner: threading.Thread,

@@ -281,3 +281,118 @@ def test_a_session_closed_on_petals_own_loop_closes_in_the_background() -> None:
     assert not hasattr(_ServerInferenceSession.close.__wrapped__, "__wrapped__")  # wrapped exactly once
     session = _close_on_petals_loop(_ServerInferenceSession.close, timeout=5)
     assert session.closed and session._outputs_stream is None and session._inputs_queue is None
+
+
+# --------------------------------------------------------------------------- allowed networks (issue 14)
+
+TEST_NET_PEER = "/ip4/10.77.0.1/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+
+
+@pytest.fixture
+def networks(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """FARMESH_SWARM_NETWORKS et al. as the test sets them; configure()'s process state reset around it."""
+    for name in (petals_compat.SWARM_NETWORKS_ENV, petals_compat.SWARM_HOST_ENV, petals_compat.SWARM_ANNOUNCE_HOST_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(petals_compat, "_configured", {})
+
+    def set_env(value: str | None = None, host: str | None = None) -> None:
+        if value is not None:
+            monkeypatch.setenv(petals_compat.SWARM_NETWORKS_ENV, value)
+        if host is not None:
+            monkeypatch.setenv(petals_compat.SWARM_HOST_ENV, host)
+
+    return set_env
+
+
+def test_default_networks_are_loopback_only(networks: Any) -> None:
+    assert petals_compat.swarm_networks() == petals_compat.parse_networks("127.0.0.0/8,::1/128")
+    assert petals_compat.is_allowed_maddr(LOOPBACK_PEER)
+    assert petals_compat.is_allowed_maddr("/ip4/127.3.2.1/tcp/5")
+    assert not petals_compat.is_allowed_maddr(TEST_NET_PEER)
+    assert petals_compat.require_loopback is petals_compat.require_allowed  # the worker's client calls the old name
+
+
+@pytest.mark.parametrize("maddr", [
+    "/ip4/0.0.0.0/tcp/4000",                     # a wildcard is never an address inside a network
+    "/dns/node.example/tcp/4000",                # names may resolve anywhere
+    "/ip4/10.77.0.9/tcp/1/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY/p2p-circuit",  # a relay hop
+    "/ip4/10.78.0.1/tcp/4000",                   # outside the list
+    "/ip4/127.0.0.1/tcp/4000",                   # loopback is not implied once a list is given
+    "garbage",
+])
+def test_configured_networks_refuse_everything_outside(networks: Any, maddr: str) -> None:
+    networks("10.77.0.0/24")
+    assert petals_compat.is_allowed_maddr("/ip4/10.77.0.9/tcp/4000")
+    assert not petals_compat.is_allowed_maddr(maddr)
+    with pytest.raises(petals_compat.AddressNotAllowedError, match="10.77.0.0/24"):
+        petals_compat.require_allowed([maddr], "initial peers")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "empty"), ("10.0.0.0/33", "not a CIDR"), ("0.0.0.0/0", "every address"), ("example.org/24", "not a CIDR"),
+])
+def test_bad_networks_are_one_line_errors(networks: Any, value: str, message: str) -> None:
+    with pytest.raises(petals_compat.AddressNotAllowedError, match=message) as error:
+        petals_compat.parse_networks(value)
+    assert "\n" not in str(error.value)
+
+
+async def test_patched_p2p_create_allows_the_configured_networks_only(no_daemon: None, networks: Any) -> None:
+    networks("10.77.0.0/24")
+    install()
+    with pytest.raises(_DaemonArgs) as captured:
+        await P2P.create(initial_peers=[TEST_NET_PEER], host_maddrs=["/ip4/10.77.0.2/tcp/4000"],
+                         announce_maddrs=["/ip4/10.77.0.2/tcp/4000"])
+    assert captured.value.flags["hostAddrs"] == "/ip4/10.77.0.2/tcp/4000"
+    assert captured.value.flags["natPortMap"] is False
+    for kwargs in ({"initial_peers": [LOOPBACK_PEER]}, {"host_maddrs": ["/ip4/0.0.0.0/tcp/4000"]},
+                   {"announce_maddrs": ["/ip4/192.0.2.2/tcp/4000"]}):
+        with pytest.raises(petals_compat.AddressNotAllowedError):
+            await P2P.create(**{"host_maddrs": ["/ip4/10.77.0.2/tcp/0"], **kwargs})
+
+
+async def test_public_peers_stay_refused_with_a_private_network_allowed(no_daemon: None, networks: Any) -> None:
+    networks("10.0.0.0/8,192.168.0.0/16,172.16.0.0/12")
+    install()
+    from petals.constants import PUBLIC_INITIAL_PEERS
+
+    assert not any(petals_compat.is_allowed_maddr(peer) for peer in PUBLIC_INITIAL_PEERS)
+    with pytest.raises(petals_compat.AddressNotAllowedError):
+        await P2P.create(initial_peers=PUBLIC_INITIAL_PEERS, host_maddrs=["/ip4/10.0.0.2/tcp/0"])
+
+
+async def test_a_client_daemon_listens_on_the_swarm_host(no_daemon: None, networks: Any) -> None:
+    """A Petals or DHT client leaves host_maddrs at hivemind's loopback default; with a swarm host set it listens
+    there (and never on loopback outside the allowed networks)."""
+    networks("10.77.0.0/24", host="10.77.0.3")
+    install()
+    with pytest.raises(_DaemonArgs) as captured:
+        await DHTNode.create(initial_peers=[TEST_NET_PEER], client_mode=True)
+    assert captured.value.flags["hostAddrs"] == "/ip4/10.77.0.3/tcp/0"
+
+
+def test_check_host_names_the_address_and_the_networks(networks: Any) -> None:
+    networks("10.77.0.0/24")
+    assert petals_compat.check_host("10.77.0.4", "--host") == "10.77.0.4"
+    for host, message in (("10.9.9.9", "outside"), ("0.0.0.0", "outside"), ("node.example", "not an IP")):
+        with pytest.raises(petals_compat.AddressNotAllowedError, match=message):
+            petals_compat.check_host(host, "--host")
+
+
+@pytest.mark.parametrize("args", [
+    ["--host", "192.0.2.2"],
+    ["--host", "10.77.0.4", "--announce-host", "203.0.113.7"],
+    ["--host", "10.77.0.4", "--initial-peers", LOOPBACK_PEER],
+    ["--host", "10.77.0.4", "--swarm-networks", "not-a-cidr"],
+])
+def test_dht_refuses_addresses_outside_the_networks_in_one_line(networks: Any, args: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from farmesh.swarm.dht import dht_command
+
+    networks("10.77.0.0/24")
+    result = CliRunner().invoke(dht_command, args)
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and ("outside the mesh's networks" in error[0] or "CIDR" in error[0]), result.output
+    assert "Traceback" not in result.output
