@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # the public key of registry_key. Pinned, a rebuild elsewhere needs no private key, and a rotated key keeps
     # the old one's decisions valid.
     registry_public_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Gateway heartbeat ingress (POST /api/nodes/heartbeats): the largest heartbeat body (bytes), and per peer the
+    # heartbeats per second it publishes beyond a burst (producers/gateway/heartbeat_ingress.py).
+    heartbeat_max_bytes: int = Field(default=16384, ge=1024, le=1024 * 1024)
+    heartbeat_rate: float = Field(default=2.0, gt=0, le=1000)
+    heartbeat_burst: float = Field(default=10.0, ge=1, le=10000)
     # Provider node: payout wallet and seconds between heartbeats (`farmesh node`).
     wallet: str | None = None
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300)

@@ -6,6 +6,8 @@ GET  /api/sessions/{id}       the recorded session and its contributions (from t
                               (both: producers.gateway.native_api)
 POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI-compatible (producers.gateway.openai_api)
 GET  /api/nodes, /api/nodes/{peer_id}, /api/swarm, /status   discovery (producers.gateway.discovery)
+POST /api/nodes/heartbeats    a provider's signed heartbeat, published unchanged to the heartbeat topic
+                              (producers.gateway.heartbeat_ingress: the only thing providers may send)
 GET  /health                  200 only when broker, database and a full swarm route are reachable
 GET  /metrics                 Prometheus
 
@@ -34,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farmesh.kafka import messaging
 from farmesh.runtime.settings import Settings
-from producers.gateway import discovery, errors, native_api, openai_api
+from producers.gateway import discovery, errors, heartbeat_ingress, native_api, openai_api
 from producers.gateway.discovery import LiveCoverage
 from producers.gateway.guard import BodyLimit
 from producers.gateway.ports import KafkaPublisher, PostgresAccounts
@@ -72,7 +74,8 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
         return state["pool"]
 
     database = PostgresAccounts(pool)  # the Accounts and the Sessions port
-    submitter = Submitter(settings, database, database, KafkaPublisher(broker), streams, metrics,
+    publisher = KafkaPublisher(broker)
+    submitter = Submitter(settings, database, database, publisher, streams, metrics,
                           tokenizer or load_tokenizer(settings), reply_topic, stream_timeout)
 
     @asynccontextmanager
@@ -94,6 +97,9 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.mount("/metrics", make_asgi_app(registry))
     # Discovery (node registry): /api/nodes, /api/nodes/{peer_id}, /api/swarm and the /status page.
+    app.include_router(heartbeat_ingress.router(
+        publisher.heartbeat, registry, max_bytes=settings.heartbeat_max_bytes, rate=settings.heartbeat_rate,
+        burst=settings.heartbeat_burst, max_skew=settings.heartbeat_max_skew))
     app.include_router(discovery.router(pool, settings.model_name, live_coverage))
     app.include_router(openai_api.router(submitter, route_check))
     app.include_router(native_api.router(submitter, database, database))

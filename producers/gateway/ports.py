@@ -87,3 +87,8 @@ class KafkaPublisher:
 
     async def cancel(self, event: InferenceCancelled) -> None:
         await messaging.publish(self._broker, topics.CONTROL.name, event, event.request_id)
+
+    async def heartbeat(self, peer_id: str, body: bytes) -> None:
+        """A provider's signed heartbeat, the bytes as the ingress received them (producers.gateway.heartbeat_ingress)."""
+        await self._broker.publish(body, topics.HEARTBEATS.name, key=peer_id.encode("ascii"),  # type: ignore[attr-defined]
+                                   headers={topics.EVENT_TYPE_HEADER: "node.heartbeat"})
