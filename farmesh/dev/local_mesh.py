@@ -30,9 +30,9 @@ from farmesh.dev import local_services
 from farmesh.kafka import messaging
 from farmesh.dev import swarm
 from farmesh.dev.processes import ManagedProcess
+from farmesh.models import choice
 from farmesh.runtime.errors import Refused
 from farmesh.runtime.settings import Settings
-from farmesh.dev.tiny_model import write_tiny_model
 
 DEMO_CREDIT = 10  # FAR: 1000 requests of 100 tokens at the default price
 # How long stopping waits for the registry to record the leaving nodes offline (it takes about a second).
@@ -119,6 +119,7 @@ class LocalMesh:
         self.gateway_url = ""
         self.database_url = ""
         self.api_key = ""  # a fresh key of the `demo` client account, with credit
+        self.model_name = ""  # the served model's name in the mesh (farmesh.models.choice)
         self.children: list[ManagedProcess] = []
         self.node_processes: list[ManagedProcess] = []  # providers: may come and go without stopping the mesh
         # Signs the registry's time-out decisions (`farmesh registry rebuild` verifies with it: see mesh.env).
@@ -171,12 +172,11 @@ class LocalMesh:
         self.api_key = asyncio.run(_demo_key(self.database_url))
         self._say(f"demo client key {self.api_key[:12]}... (account `demo`, credit topped up to {DEMO_CREDIT} FAR)")
 
-        model_dir = Path(s.model_dir).resolve()
-        if not (model_dir / "config.json").exists():
-            if s.model:
-                raise MeshError(f"FARMESH_MODEL={s.model} is not a model directory")
-            write_tiny_model(model_dir)
-            self._say(f"wrote the tiny local model to {model_dir}")
+        if (s.model or choice.SMOLLM2) == choice.SMOLLM2:
+            self._say("SmolLM2-135M-Instruct: importing it from its package the first time (~10 s, ~540 MB)")
+        served = choice.prepare(s)
+        model_dir, self.model_name = served.directory, served.name
+        self._say(f"{'wrote' if served.written else 'serving'} model {self.model_name} from {model_dir}")
         from farmesh.swarm.view import num_blocks_of
 
         dht = swarm.start_dht(workdir=self.logs, identity_path=self.data_dir / "dht.identity")
@@ -191,7 +191,7 @@ class LocalMesh:
             "FARMESH_DATABASE_URL": self.database_url,
             "FARMESH_INITIAL_PEERS": dht.maddr,
             "FARMESH_MODEL": str(model_dir),
-            "FARMESH_DHT_PREFIX": s.dht_prefix,
+            "FARMESH_DHT_PREFIX": self.model_name,
             "FARMESH_PRICE_PER_TOKEN": str(s.price_per_token),
             "FARMESH_GATEWAY_HOST": "127.0.0.1",
             **local_services.broker_env(s.broker),
@@ -211,7 +211,7 @@ class LocalMesh:
         self._stack.callback(self._nodes_leave)
         for i, (a, b) in enumerate(_spans(num_blocks_of(str(model_dir)), self.nodes)):
             # Each node signs heartbeats with its identity key and is paid to its demo wallet.
-            node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], s.dht_prefix, workdir=self.logs,
+            node = swarm.start_node(model_dir, f"{a}:{b}", [dht.maddr], self.model_name, workdir=self.logs,
                                     identity_path=self.data_dir / f"node{i}.identity", throughput="measure",
                                     wallet=f"demo-wallet-{i}", kafka_bootstrap=bootstrap,
                                     heartbeat_interval=s.heartbeat_interval)
@@ -260,7 +260,7 @@ class LocalMesh:
         while time.monotonic() < deadline:
             try:
                 models = httpx.get(f"{self.gateway_url}/api/swarm", timeout=15).json()["models"]
-                mine = next((m for m in models if m["model"] == self.settings.dht_prefix), None)
+                mine = next((m for m in models if m["model"] == self.model_name), None)
                 if mine and mine["full_coverage"] and mine["online_nodes"] >= len(self.node_processes):
                     return
                 last = json.dumps(mine)[:500]
@@ -335,6 +335,7 @@ def run_up(settings: Settings, gateway_port: int | None, nodes: int) -> int:
 
 
 def _stream(url: str, body: dict, api_key: str) -> dict | None:
+    """POST the native API's generation, print the text as it streams; the final `done`/`error` event."""
     done = None
     with httpx.stream("POST", f"{url}/api/inference/generate", json=body, timeout=300,
                       headers={"Authorization": f"Bearer {api_key}"}) as response:
@@ -355,7 +356,27 @@ def _stream(url: str, body: dict, api_key: str) -> dict | None:
     return done
 
 
-def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max_tokens: int) -> int:
+def _chat(url: str, body: dict, api_key: str) -> dict | None:
+    """POST an OpenAI chat completion (streamed), print the answer as it streams; the usage chunk."""
+    usage, finish = None, None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300,
+                      headers={"Authorization": f"Bearer {api_key}"}) as response:
+        if response.status_code != 200:
+            response.read()
+            raise MeshError(f"gateway answered {response.status_code}: {response.text}")
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            for choice_ in chunk.get("choices", []):
+                print(choice_["delta"].get("content") or "", end="", flush=True)
+                finish = choice_.get("finish_reason") or finish
+            usage = chunk.get("usage") or usage
+    print()
+    return {"finish_reason": finish, "usage": usage}
+
+
+def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max_tokens: int, question: str) -> int:
     with stop_on_signals(), tempfile.TemporaryDirectory(prefix="farmesh-demo-") as scratch:
         with LocalMesh(settings, Path(scratch), gateway_port, nodes) as mesh:
             print(f"ready gateway={mesh.gateway_url} api_key={mesh.api_key}", flush=True)
@@ -363,7 +384,9 @@ def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max
             request_id = "test-001"
             if asyncio.run(_request_id_used(mesh.database_url, mesh.api_key, request_id)):
                 request_id = f"test-001-{int(time.time())}"  # an external database already holds test-001
-            body = {"prompt": prompt, "max_tokens": max_tokens, "request_id": request_id}
+            # The plan's prompt as a chat turn: an instruction-tuned model answers it in its own template.
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                    "request_id": request_id}
             print(f"POST {mesh.gateway_url}/api/inference/generate {json.dumps(body)}\n--- streamed text ---")
             done = _stream(mesh.gateway_url, body, mesh.api_key)
             print(f"--- {json.dumps(done)}")
@@ -381,4 +404,13 @@ def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max
             print(f"  {'peer_id':54} {'blocks':8} {'tokens':>7} {'earnings (FAR)':>16}")
             for c in contributions:
                 print(f"  {c['peer_id']:54} {c['start_block']}:{c['end_block']:<6} {c['tokens_processed']:>7} {c['earnings']:>16}")
-            return 0 if done and done.get("event") == "done" else 1
+            chat = {"model": mesh.model_name, "stream": True, "stream_options": {"include_usage": True},
+                    "max_tokens": max_tokens, "messages": [
+                        {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+                        {"role": "user", "content": question}]}
+            print(f"\nPOST {mesh.gateway_url}/v1/chat/completions (OpenAI-compatible) {json.dumps(chat)}\n"
+                  "--- streamed answer ---")
+            answered = _chat(mesh.gateway_url, chat, mesh.api_key)
+            print(f"--- {json.dumps(answered)}")
+            ok = done and done.get("event") == "done" and answered["usage"] is not None
+            return 0 if ok else 1

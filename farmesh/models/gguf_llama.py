@@ -91,7 +91,7 @@ class GGUFLlama:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as exc:  # the reader raises ValueError, struct/numpy errors or KeyError on bad bytes
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            raise Refused(f"{self.path}: not a readable GGUF file ({reason})") from None
+            raise Refused(f"{self.path}: not a readable GGUF file, truncated or corrupt ({reason})") from None
         architecture = self.field("general.architecture", None)
         if architecture != "llama":
             raise Refused(f"{self.path}: architecture {architecture!r} is not supported (only 'llama' is)")

@@ -1,7 +1,9 @@
 """The native API: generation as Server-Sent Events, and the recorded sessions.
 
-POST /api/inference/generate  {"prompt", "max_tokens", "request_id", sampling...} -> SSE: `token` events,
-                              then `done` (with usage) or `error`. Needs `Authorization: Bearer KEY`.
+POST /api/inference/generate  {"prompt" | "messages", "max_tokens", "request_id", sampling...} -> SSE: `token`
+                              events, then `done` (with usage) or `error`. Needs `Authorization: Bearer KEY`.
+                              `messages` is a chat, rendered with the model's own template (producers.gateway.chat);
+                              `prompt` is sent to the model as it is.
 GET  /api/sessions/{id}       the recorded session and its contributions (from the ledger; the key's own)
 
 Request ids are the client's own: the mesh knows a request as its id scoped by the caller's account
@@ -22,10 +24,11 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Header, HTTPException
 from fastapi.encoders import jsonable_encoder
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from farmesh.billing.accounts import Unauthorized, mesh_request_id
+from producers.gateway import chat
 from producers.gateway.errors import AsciiJSONResponse, NativeError, native_body
 from producers.gateway.guard import MAX_PROMPT_CHARS, JSONRoute
 from producers.gateway.ports import Accounts, Sessions
@@ -37,7 +40,10 @@ from schemas.events import Sampling, StopSequence, TokenChunk
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: no "10" -> 10, true -> 1, 2.0 -> 2
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                               description="Raw text the model continues (or send messages)")
+    messages: chat.Messages | None = Field(default=None, description="A chat, rendered with the model's template "
+                                           "(or send prompt)")
     max_tokens: int = Field(default=100, ge=1)
     request_id: ClientRequestId | None = Field(default=None, description="Idempotency key, private to the account; "
                                                "default: the Idempotency-Key header, else a fresh id")
@@ -51,6 +57,12 @@ class GenerateRequest(BaseModel):
     deadline_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                            description="Start within this many seconds or never (expired, charged "
                                            "nothing); default FARMESH_REQUEST_DEADLINE")
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
 
 
 def native_error(refused: Refused) -> AsciiJSONResponse:
@@ -86,15 +98,19 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
                                "prompt": "Hello, how are you?", "max_tokens": 20, "request_id": "test-001"}},
                            "sampled": {"summary": "sampled, with a stop sequence", "value": {
                                "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8, "top_p": 0.95,
-                               "top_k": 40, "seed": 3, "stop": ["."], "model": model_name}}}),
+                               "top_k": 40, "seed": 3, "stop": ["."], "model": model_name}},
+                           "chat": {"summary": "a chat, in the model's own template", "value": {
+                               "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                               "max_tokens": 40}}}),
                        authorization: str | None = Header(default=None),
                        idempotency_key: ClientRequestId | None = Header(default=None)) -> Any:
         if body.request_id and idempotency_key and body.request_id != idempotency_key:
             raise HTTPException(422, "request_id and the Idempotency-Key header differ; send one of them")
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                             stop=body.stop)
+        prompt = body.prompt if body.messages is None else chat.renderer(body.messages, submitter.tokenizer)
         ask = Ask(body.request_id or idempotency_key or uuid.uuid4().hex, body.model or model_name,
-                  body.prompt, body.max_tokens, sampling, body.deadline_seconds)
+                  prompt, body.max_tokens, sampling, body.deadline_seconds)
         try:
             answer = await submitter.submit(ask, authorization)
         except Refused as refused:

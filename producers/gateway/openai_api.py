@@ -28,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from producers.gateway import chat, errors
 from producers.gateway.errors import AsciiJSONResponse, ErrorBody
-from producers.gateway.guard import MAX_MESSAGES, MAX_PROMPT_CHARS, JSONRoute
+from producers.gateway.guard import MAX_PROMPT_CHARS, JSONRoute
 from producers.gateway.submit import Ask, ClientRequestId, Finished, Live, Refused, RouteCheck, Submitter
 from schemas.events import Sampling, StreamEnded, TokenChunk
 
@@ -140,19 +140,9 @@ class CompletionRequest(_Common):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[chat.ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
-                                             description=f"At most {MAX_MESSAGES}, {MAX_PROMPT_CHARS} characters "
-                                                         "of content in all")
+    messages: chat.Messages
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     logprobs: bool = Field(default=False, description="Not supported (false only)")
-
-    @field_validator("messages")
-    @classmethod
-    def _bounded(cls, messages: list[chat.ChatMessage]) -> list[chat.ChatMessage]:
-        total = sum(len(m.content) for m in messages)
-        if total > MAX_PROMPT_CHARS:
-            raise ValueError(f"the messages hold {total} characters of content; at most {MAX_PROMPT_CHARS}")
-        return messages
 
     @field_validator("logprobs")
     @classmethod
@@ -311,13 +301,7 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
                                idempotency_key: str | None = Header(default=None),
                                x_farmesh_deadline: float | None = Header(default=None, gt=0, le=86_400,
                                                                       allow_inf_nan=False)) -> Any:
-        def prompt() -> str:  # rendered off the event loop, once the key is known (Submitter.submit)
-            try:
-                return chat.render(body.messages, submitter.tokenizer)
-            except chat.Unrenderable as exc:
-                raise Refused(400, "invalid_value", f"the model's chat template refused these messages: {exc}",
-                              param="messages") from None
-
+        prompt = chat.renderer(body.messages, submitter.tokenizer)
         max_tokens = body.max_completion_tokens or body.max_tokens or submitter.settings.max_new_tokens
         return await run("chat", body, prompt, max_tokens, authorization, idempotency_key, x_farmesh_deadline)
 

@@ -58,18 +58,19 @@ def heartbeat_args(kafka_bootstrap: str, wallet: str | None) -> dict:
 
 
 @contextlib.contextmanager
-def running_swarm(tiny_model_dir: Path, workdir: Path, kafka_bootstrap: str) -> Iterator[Swarm]:
+def running_swarm(model_dir: Path, workdir: Path, kafka_bootstrap: str, *, dht_prefix: str = DHT_PREFIX,
+                  node_blocks: tuple[str, ...] = NODE_BLOCKS) -> Iterator[Swarm]:
     """The DHT and the nodes (heartbeats to `kafka_bootstrap`), all stopped by process id afterwards."""
     started: list[ManagedProcess] = []
     swarm: Swarm | None = None
     try:
         dht = start_dht(workdir=workdir)
         started.append(dht)
-        with ThreadPoolExecutor(len(NODE_BLOCKS)) as pool:  # nodes load their blocks in parallel
+        with ThreadPoolExecutor(len(node_blocks)) as pool:  # nodes load their blocks in parallel
             futures = {
-                blocks: pool.submit(start_node, tiny_model_dir, blocks, [dht.maddr], DHT_PREFIX, workdir=workdir,
+                blocks: pool.submit(start_node, model_dir, blocks, [dht.maddr], dht_prefix, workdir=workdir,
                                     **heartbeat_args(kafka_bootstrap, wallet_of(blocks)))
-                for blocks in NODE_BLOCKS
+                for blocks in node_blocks
             }
             errors = [future.exception() for future in futures.values()]
         nodes = {blocks: future.result() for blocks, future in futures.items() if future.exception() is None}
@@ -77,7 +78,7 @@ def running_swarm(tiny_model_dir: Path, workdir: Path, kafka_bootstrap: str) -> 
         for error in errors:
             if error is not None:
                 raise error
-        swarm = Swarm(tiny_model_dir, DHT_PREFIX, [dht.maddr], dht, nodes, workdir, kafka_bootstrap)
+        swarm = Swarm(model_dir, dht_prefix, [dht.maddr], dht, nodes, workdir, kafka_bootstrap)
         yield swarm
     finally:
         if swarm is not None:  # nodes may have been restarted: stop the current ones too
