@@ -2,8 +2,9 @@
 
 Where they come from, first match wins:
 
-- Kafka: $FARMESH_TEST_KAFKA_BOOTSTRAP; a testcontainers KafkaContainer where a Docker engine
-  answers; else an embedded noida-db broker on a free 127.0.0.1 port.
+- Kafka: $FARMESH_TEST_KAFKA_BOOTSTRAP (a broker of your own); else the broker FARMESH_TEST_BROKER chooses
+  (kafka: Apache Kafka 4.4.0, noida: the embedded noida-db; unset: Apache Kafka where it can run, else
+  noida-db; tests/support/kafka.py) on free 127.0.0.1 ports. The drills start brokers of their own, the same kind.
 - PostgreSQL server: $FARMESH_TEST_DATABASE_URL; postgresql://127.0.0.1:5432/postgres if it
   answers; a testcontainers PostgresContainer where Docker answers; else an embedded PostgreSQL.
   Each test database is a fresh `farmesh_test_<random>` on that server, dropped afterwards.
@@ -25,7 +26,8 @@ import pytest
 
 from db import scratch
 from db.scratch import drop_database
-from farmesh.dev.local_services import start_broker, start_postgres
+from farmesh.dev.local_services import start_postgres
+from tests.support.kafka import SWITCH, test_broker, start_test_broker
 
 LOCAL_POSTGRES_URL = "postgresql://127.0.0.1:5432/postgres"
 
@@ -59,13 +61,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a Kafka-protocol broker for the whole session."""
     if env := os.environ.get("FARMESH_TEST_KAFKA_BOOTSTRAP"):
         yield env
-    elif docker_available():
-        from testcontainers.community.kafka import KafkaContainer
-
-        with KafkaContainer() as kafka:
-            yield kafka.get_bootstrap_server()
     else:
-        broker = start_broker(tmp_path_factory.mktemp("kafka"))
+        broker = start_test_broker(tmp_path_factory.mktemp("kafka"))
         try:
             yield broker.bootstrap
         finally:
@@ -127,6 +124,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session from the installed package (~10 s, ~540 MB): the tests
+    where meaning matters (tests/e2e/test_real_model.py, tests/unit/test_smollm2.py)."""
+    from farmesh.models import smollm2
+    from farmesh.models.importer import import_gguf
+
+    return import_gguf(smollm2.packaged_gguf(), tmp_path_factory.mktemp("models") / smollm2.MODEL_ID)
+
+
+@pytest.fixture(scope="session")
 def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str):
     """A loopback Petals swarm (DHT + two nodes) for the session (tests/support/swarm.py); end-to-end tests and
     fault drills share it. A test that stops a node must run after every test that needs the full swarm."""
@@ -134,3 +141,16 @@ def swarm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, kafka_
 
     with running_swarm(tiny_model_dir, tmp_path_factory.mktemp("swarm"), kafka_bootstrap) as swarm:
         yield swarm
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the broker the tests ran on (only if one was started: a unit-test run starts none)."""
+    if os.environ.get("FARMESH_TEST_KAFKA_BOOTSTRAP"):
+        terminalreporter.write_line(f"broker: FARMESH_TEST_KAFKA_BOOTSTRAP={os.environ['FARMESH_TEST_KAFKA_BOOTSTRAP']}")
+    elif test_broker.cache_info().currsize:
+        try:
+            kind = test_broker()
+        except RuntimeError as exc:
+            kind = f"none ({exc})"
+        name = {"kafka": "Apache Kafka 4.4.0", "noida": "noida-db (embedded)"}.get(kind, kind)
+        terminalreporter.write_line(f"broker: {name} ({SWITCH}={os.environ.get(SWITCH, '<unset>')})")

@@ -7,30 +7,19 @@ pays only for the tokens the gateway delivered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from decimal import Decimal
 
 import openai
 import pytest
-from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
-from consumers.inference import consumer as worker
-from consumers.inference.repository import PostgresReservations
-from consumers.ledger import consumer as ledger
 from farmesh.billing import accounts
-from farmesh.kafka import messaging
-from schemas import money
-from consumers.inference.generation import load_client
-from farmesh.runtime.settings import Settings
-from producers.gateway.app import create_app
 from producers.gateway.chat import ChatMessage, default_prompt
 from schemas import topics
 from tests.support.kafka import wait_caught_up
 from tests.support.money import audit_breaks
+from tests.support.openai_mesh import openai_mesh
 from tests.support.reference import greedy_ids
-from tests.support.services import serve
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 12
@@ -39,38 +28,8 @@ STREAMS = 20
 
 @pytest.fixture(scope="module")
 async def mesh(swarm, kafka_bootstrap, database_url, db_pool):
-    clients = [await asyncio.to_thread(load_client, swarm.model_dir, swarm.initial_peers, swarm.dht_prefix,
-                                       request_timeout=10, max_retries=2) for _ in range(2)]
-    apps = []
-    async with db_pool.acquire() as conn:
-        issued = await accounts.create_client(conn, f"e2e-openai-{uuid.uuid4().hex[:6]}", money.to_base_units(Decimal(5)))
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            await messaging.ensure_topics(kafka_bootstrap, messaging.mesh_topics(3))
-            brokers = []
-            for client in clients:  # two workers of the inference group, 3 generations at once each
-                b = messaging.create_broker(kafka_bootstrap, topics.GROUP_INFERENCE, CollectorRegistry())
-                worker.register(b, client, swarm.dht_prefix, CollectorRegistry(),
-                                reservations=PostgresReservations(db_pool), concurrency=3)
-                brokers.append(b)
-            b = messaging.create_broker(kafka_bootstrap, topics.GROUP_LEDGER, CollectorRegistry())
-            ledger.register(b, db_pool, CollectorRegistry())
-            brokers.append(b)
-            for b in brokers:
-                await b.start()
-                stack.push_async_callback(b.stop)
-            urls = []
-            for i in range(2):
-                settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=database_url, model=str(swarm.model_dir),
-                                    initial_peers=swarm.initial_peers, dht_prefix=swarm.dht_prefix,
-                                    gateway_id=f"e2e-openai-{i}")
-                app = create_app(settings, route_check=lambda: asyncio.sleep(0, True))
-                apps.append(app)
-                urls.append(await stack.enter_async_context(serve(app)))
-            yield urls, issued, apps
-    finally:
-        for client in clients:
-            client.close()
+    async with openai_mesh(swarm, kafka_bootstrap, database_url, db_pool, name="e2e-openai") as running:
+        yield running
 
 
 def reference(model_dir, tokenizer, prompt: str) -> str:
