@@ -3,7 +3,10 @@
 Started in dependency order, each as its own process group so every one can be stopped by pid:
 PostgreSQL (FARMESH_DATABASE_URL, else embedded), the Kafka-protocol broker (noida-db, or Apache Kafka with
 `--broker kafka`, unless FARMESH_KAFKA_BOOTSTRAP is set), migrations and topics, our DHT bootstrap peer, the ledger, payments and
-registry groups, the Petals nodes, the inference worker and the gateway.  Everything listens on 127.0.0.1.
+registry groups, the Petals nodes, the inference worker and the gateway.  Everything listens on 127.0.0.1, unless
+FARMESH_SWARM_HOST names this machine's address in the mesh's networks (FARMESH_SWARM_NETWORKS): then the DHT, the
+nodes, the swarm clients and the gateway listen there, so providers on other machines can join (broker and
+PostgreSQL stay on loopback: providers never reach them).
 
 Stopped in the reverse order: the gateway first (no new requests), the worker, then the nodes leave — all
 signalled at once, each publishes its draining and offline heartbeats — and the mesh waits (bounded) until
@@ -86,6 +89,12 @@ async def _not_offline(database_url: str, peers: list[str], timeout: float) -> l
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
+
+
+def _host() -> str:
+    """Where the mesh's swarm and gateway listen: FARMESH_SWARM_HOST (the DHT, nodes, worker and gateway read it
+    too), else loopback."""
+    return os.environ.get("FARMESH_SWARM_HOST") or "127.0.0.1"
 
 
 class MeshError(Refused):
@@ -193,7 +202,7 @@ class LocalMesh:
             "FARMESH_MODEL": str(model_dir),
             "FARMESH_DHT_PREFIX": self.model_name,
             "FARMESH_PRICE_PER_TOKEN": str(s.price_per_token),
-            "FARMESH_GATEWAY_HOST": "127.0.0.1",
+            "FARMESH_GATEWAY_HOST": _host(),
             **local_services.broker_env(s.broker),
             "FARMESH_GATEWAY_PORT": str(self.gateway_port),
             "FARMESH_NODE_TIMEOUT": str(s.node_timeout),
@@ -220,7 +229,7 @@ class LocalMesh:
             self._say(f"node {node.peer_id} serves blocks {a}:{b}, wallet demo-wallet-{i} (pid {node.pid})")
         self._child("worker", cli + ["worker", "--metrics-port", str(local_services.free_port())], env, "worker ready", 120)
         self._child("gateway", cli + ["gateway"], env, "gateway ready", 60)
-        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.gateway_url = f"http://{_host()}:{self.gateway_port}"
         self._write_env_file(bootstrap)
         self._wait_healthy(timeout=90)
         self._wait_registered(timeout=60)
