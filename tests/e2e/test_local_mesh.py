@@ -17,6 +17,7 @@ import pytest
 
 from farmesh.billing import accounts
 from farmesh.dev.local_services import pid_alive
+from tests.support.kafka import test_broker
 from tests.support.money import farmesh
 
 pytestmark = pytest.mark.e2e
@@ -43,8 +44,9 @@ def _stop_leftovers(pids: list[int]) -> list[int]:
 async def test_up_serves_the_plan_request_and_stops_every_process(tmp_path, empty_database_url):
     database_url = empty_database_url  # `up` migrates it itself
     up = subprocess.Popen(
-        [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
-        env=_env(tmp_path, FARMESH_DATABASE_URL=database_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0", "--model", "tiny"],
+        env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_BROKER=test_broker()),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )
     child_pids: list[int] = []
@@ -149,19 +151,30 @@ async def _openai_checks(gateway: str, api_key: str, database_url: str, model_di
 
 
 def test_demo_runs_on_embedded_defaults(tmp_path):
+    """`make demo`: SmolLM2 (imported from its package into the data dir), the embedded noida-db and PostgreSQL,
+    whatever FARMESH_TEST_BROKER says (the `up` tests above run on its broker). A real answer in English to the
+    plan's prompt, then "Paris" through the OpenAI-compatible API."""
     demo = subprocess.run(
-        [sys.executable, "-m", "farmesh.cli", "demo", "--max-tokens", "20"], env=_env(tmp_path),
-        capture_output=True, text=True, timeout=400,
+        [sys.executable, "-m", "farmesh.cli", "demo", "--max-tokens", "40"], env=_env(tmp_path),
+        capture_output=True, text=True, timeout=600,
     )
     child_pids = [int(p) for p in PIDS.findall(demo.stderr)]
     assert _stop_leftovers(child_pids) == []
     assert demo.returncode == 0, demo.stderr[-3000:]
     out = demo.stdout
+    print(f"\n{out}")
     assert "embedded PostgreSQL" in demo.stderr and "embedded Kafka-protocol broker" in demo.stderr
-    done = json.loads(out.split("--- ", 2)[2].splitlines()[0])
-    assert done["event"] == "done" and done["usage"]["completion_tokens"] == 20
+    assert (tmp_path / "data" / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
+    answer, after = out.split("--- streamed text ---\n", 1)[1].split("\n--- ", 1)
+    assert re.search(r"\b(I|I'm|you|am|are|fine|well|hello|hi|help|thank)\b", answer, re.I), answer
+    done = json.loads(after.splitlines()[0])
+    assert done["event"] == "done" and 0 < done["usage"]["completion_tokens"] <= 40
+    assert done["finish_reason"] == "stop" or done["usage"]["completion_tokens"] == 40
     assert "far_session_contributions:" in out
     assert re.search(r"^  request_id\s+test-001$", out, re.M), out  # the client's own id, as it named it
+    assert re.search(r"^  model\s+smollm2-135m-instruct$", out, re.M), out
     table = out.split("far_session_contributions:")[1].splitlines()[2:]
     rows = [ln.split() for ln in table if ln.startswith("  Qm")]
-    assert [r[1] for r in rows] == ["0:2", "2:4"] and all(int(r[2]) == int(rows[0][2]) > 20 for r in rows)
+    assert [r[1] for r in rows] == ["0:15", "15:30"] and all(int(r[2]) == int(rows[0][2]) > 20 for r in rows)
+    chat = out.split("--- streamed answer ---\n", 1)[1].split("\n--- ", 1)[0]
+    assert "Paris" in chat, chat

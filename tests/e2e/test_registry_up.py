@@ -31,7 +31,7 @@ from schemas.events import DeadLetter, NodeTimedOut
 from tests.conftest import create_database, drop_database
 from tests.e2e.test_registry_swarm import read_until_now
 from tests.integration.test_discovery_status import CHROMIUM, render
-from tests.support.kafka import read_all, wait_caught_up
+from tests.support.kafka import read_all, test_broker, wait_caught_up
 
 pytestmark = pytest.mark.e2e
 
@@ -62,8 +62,8 @@ async def test_up_registers_its_nodes_and_shows_a_killed_one_offline(tmp_path: P
     errors = tmp_path / "up.err"
     with open(errors, "w") as err:
         up = subprocess.Popen(
-            [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
-            env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_NODE_TIMEOUT=str(TIMEOUT),
+            [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0", "--model", "tiny"],
+            env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_BROKER=test_broker(), FARMESH_NODE_TIMEOUT=str(TIMEOUT),
                      FARMESH_HEARTBEAT_INTERVAL="1"),
             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
         )
@@ -77,7 +77,7 @@ async def test_up_registers_its_nodes_and_shows_a_killed_one_offline(tmp_path: P
         gateway, status_url = fields["gateway"], fields["status"]
         log = errors.read_text()
         child_pids = [int(p) for p in PIDS.findall(log)]
-        bootstrap = re.search(r"embedded Kafka-protocol broker at (\S+)", log)[1]
+        bootstrap = re.search(r" broker at (\S+) \(pid", log)[1]  # noida-db's or Apache Kafka's
         nodes = {m[2]: (m[1], int(m[3])) for m in re.finditer(r"node (\S+) serves blocks (\d+:\d+).*\(pid (\d+)\)", log)}
         assert set(nodes) == {"0:2", "2:4"}, log
         (peer0, pid0), (peer1, pid1) = nodes["0:2"], nodes["2:4"]
@@ -199,8 +199,8 @@ async def test_up_stopped_leaves_its_nodes_offline(tmp_path: Path, empty_databas
     errors = tmp_path / "up.err"
     with open(errors, "w") as err:
         up = subprocess.Popen(  # the default node time-out (20 s): an offline here can only be the heartbeat's
-            [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0"],
-            env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_HEARTBEAT_INTERVAL="1"),
+            [sys.executable, "-m", "farmesh.cli", "up", "--gateway-port", "0", "--model", "tiny"],
+            env=_env(tmp_path, FARMESH_DATABASE_URL=database_url, FARMESH_BROKER=test_broker(), FARMESH_HEARTBEAT_INTERVAL="1"),
             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
         )
     leftovers: list[int] = []
