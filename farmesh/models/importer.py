@@ -50,8 +50,11 @@ def import_gguf(source: Path, out: Path, *, force: bool = False) -> Path:
         torch_dtype="float32",
         architectures=["LlamaForCausalLM"],
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise Refused(f"{out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     try:
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
