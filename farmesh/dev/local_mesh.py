@@ -129,6 +129,7 @@ class LocalMesh:
         self.database_url = ""
         self.api_key = ""  # a fresh key of the `demo` client account, with credit
         self.model_name = ""  # the served model's name in the mesh (farmesh.models.choice)
+        self.model_dir = Path()  # and its directory
         self.children: list[ManagedProcess] = []
         self.node_processes: list[ManagedProcess] = []  # providers: may come and go without stopping the mesh
         # Signs the registry's time-out decisions (`farmesh registry rebuild` verifies with it: see mesh.env).
@@ -185,6 +186,7 @@ class LocalMesh:
             self._say("SmolLM2-135M-Instruct: importing it from its package the first time (~10 s, ~540 MB)")
         served = choice.prepare(s)
         model_dir, self.model_name = served.directory, served.name
+        self.model_dir = model_dir
         self._say(f"{'wrote' if served.written else 'serving'} model {self.model_name} from {model_dir}")
         from farmesh.swarm.view import num_blocks_of
 
