@@ -141,44 +141,57 @@ def test_a_provider_host_cannot_publish_a_money_event(mesh, tiny_model_dir) -> N
     audit_is_clean(mesh)
 
 
+def _opened_a_session(node, offset: int) -> bool:
+    """Whether the node's Petals server logged an inference session opened for blocks 2:4 after `offset`."""
+    with open(node.log_path, "rb") as log:
+        log.seek(offset)
+        return b"rpc_inference.open(blocks=2:4" in log.read()
+
+
 def test_partition_a_provider_mid_generation(mesh, tiny_model_dir) -> None:
-    """Cut host b's link mid-generation: the request completes on the spare (host c) with identical tokens; b is
+    """Cut the link of the host serving blocks 2:4 mid-generation (b or c: whichever the route took, from its
+    server's log): the request completes on the other one, the spare, with identical tokens; the cut node is
     declared offline after the time-out and paid only for the work it did; restored, it comes back online."""
-    b = mesh.net.hosts["b"]
-    peer_b, peer_c = mesh.nodes["b"].peer_id, mesh.nodes["c"].peer_id
+    offsets = {name: mesh.nodes[name].log_path.stat().st_size for name in "bc"}
     cut: dict = {}
 
     def on_token(index: int) -> None:
         if index == CUT_AT and not cut:
-            mesh.net.cut(b)
+            serving = [name for name in "bc" if _opened_a_session(mesh.nodes[name], offsets[name])]
+            assert len(serving) == 1, serving
+            cut.update(name=serving[0], spare="c" if serving[0] == "b" else "b")
+            mesh.net.cut(mesh.net.hosts[cut["name"]])
             cut["at"] = time.monotonic()
 
     try:
         tokens, done, request_id = generate(mesh, 60, on_token)
         finished = time.monotonic()
+        b, c = mesh.net.hosts[cut["name"]], mesh.net.hosts[cut["spare"]]  # the cut host and the spare
+        peer_b, peer_c = mesh.nodes[b.name].peer_id, mesh.nodes[c.name].peer_id
         assert done["event"] == "done", done
         assert [t["token_id"] for t in tokens] == greedy_ids(tiny_model_dir, PROMPT, 60)
-        print(f"\npartition: b cut after {CUT_AT} tokens; the request finished on the spare {finished - cut['at']:.1f} s "
-              "later")
+        print(f"\npartition: {b.name} (serving 2:4) cut after {CUT_AT} tokens; the request finished on the spare {finished - cut['at']:.1f} s "
+              f"later")
         session, contributions = recorded(mesh, request_id)
         late = {c["peer_id"]: c for c in contributions if (c["start_block"], c["end_block"]) == (2, 4)}
         assert set(late) == {peer_b, peer_c}, contributions  # b's work up to the cut, then the spare's
-        assert late[peer_b]["wallet"] == wallet_of(b) and late[peer_c]["wallet"] == wallet_of(mesh.net.hosts["c"])
+        assert late[peer_b]["wallet"] == wallet_of(b) and late[peer_c]["wallet"] == wallet_of(c)
         assert 0 < late[peer_b]["tokens_processed"] < late[peer_c]["tokens_processed"] + late[peer_b]["tokens_processed"]
         assert sum(c["earnings"] for c in contributions) == session["cost"]
         # b's pay is its share of the work it did, nothing for the time it was away
         assert late[peer_b]["earnings"] < late[peer_c]["earnings"] + late[peer_b]["earnings"]
         offline_at = mesh.wait_for(lambda: mesh.node_state(peer_b) == "offline" and time.monotonic(),
                                    "the registry times the cut node out", NODE_TIMEOUT + 30)
-        print(f"partition: b recorded offline {offline_at - cut['at']:.1f} s after the cut "
+        print(f"partition: {b.name} recorded offline {offline_at - cut['at']:.1f} s after the cut "
               f"(FARMESH_NODE_TIMEOUT={NODE_TIMEOUT:g})")
         assert mesh.node_state(peer_c) == "online"
         audit_is_clean(mesh)
     finally:
-        mesh.net.restore(b)
+        if cut:
+            mesh.net.restore(mesh.net.hosts[cut["name"]])
     back = mesh.wait_for(lambda: mesh.node_state(peer_b) == "online" and time.monotonic(),
                          "the restored node comes back online", 60)
-    print(f"partition: b online again {back - cut.get('at', back):.1f} s after the cut")
+    print(f"partition: {b.name} online again {back - cut.get('at', back):.1f} s after the cut")
     earned = mesh.query("SELECT sum(earnings) AS e FROM far_session_contributions WHERE peer_id = $1", peer_b)[0]["e"]
     assert earned == sum(c["earnings"] for c in mesh.query(
         "SELECT earnings FROM far_session_contributions WHERE peer_id = $1", peer_b))
