@@ -21,6 +21,7 @@ import pytest
 from schemas import money
 from tests.support.multi_host import DHT_PREFIX, NODE_TIMEOUT, multi_host_mesh, start_nodes, wallet_of
 from tests.support.reference import greedy_ids
+from tests.support.sse import iter_events
 
 pytestmark = pytest.mark.e2e
 
@@ -43,21 +44,17 @@ def mesh(tiny_model_dir, tmp_path_factory, postgres_admin_url):
 def generate(mesh, max_tokens: int, on_token=None) -> tuple[list[dict], dict, str]:
     request_id = f"mh-{uuid.uuid4().hex[:8]}"
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "request_id": request_id}
-    tokens, done, event = [], {}, ""
+    tokens, done = [], {}
     with httpx.stream("POST", f"{mesh.gateway_url}/api/inference/generate", json=body, timeout=300,
                       headers={"Authorization": f"Bearer {mesh.api_key}"}) as response:
         assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line[5:])
-                if event == "token":
-                    tokens.append(data)
-                    if on_token is not None:
-                        on_token(data["index"])
-                else:
-                    done = {"event": event, **data}
+        for event, data in iter_events(response.iter_lines()):
+            if event == "token":
+                tokens.append(data)
+                if on_token is not None:
+                    on_token(data["index"])
+            else:
+                done = {"event": event, **data}
     return tokens, done, request_id
 
 
