@@ -125,12 +125,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct imported once per session from the installed package (~10 s, ~540 MB): the tests
+    """SmolLM2-135M-Instruct imported once per session from the installed package like `farmesh model smollm2`
+    (~10 s, ~540 MB): the tests
     where meaning matters (tests/e2e/test_real_model.py, tests/unit/test_smollm2.py)."""
     from farmesh.models import smollm2
-    from farmesh.models.importer import import_gguf
 
-    return import_gguf(smollm2.packaged_gguf(), tmp_path_factory.mktemp("models") / smollm2.MODEL_ID)
+    return smollm2.write(tmp_path_factory.mktemp("models") / smollm2.MODEL_ID)
 
 
 @pytest.fixture(scope="session")

@@ -415,8 +415,9 @@ def run_demo(settings: Settings, gateway_port: int, nodes: int, prompt: str, max
             print(f"  {'peer_id':54} {'blocks':8} {'tokens':>7} {'earnings (FAR)':>16}")
             for c in contributions:
                 print(f"  {c['peer_id']:54} {c['start_block']}:{c['end_block']:<6} {c['tokens_processed']:>7} {c['earnings']:>16}")
+            # temperature 0: the same answer on every run (without it, the model's own defaults apply).
             chat = {"model": mesh.model_name, "stream": True, "stream_options": {"include_usage": True},
-                    "max_tokens": max_tokens, "messages": [
+                    "max_tokens": max_tokens, "temperature": 0, "messages": [
                         {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
                         {"role": "user", "content": question}]}
             print(f"\nPOST {mesh.gateway_url}/v1/chat/completions (OpenAI-compatible) {json.dumps(chat)}\n"

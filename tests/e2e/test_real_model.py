@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 MODEL = smollm2.MODEL_ID
 BLOCKS = ("0:15", "15:30")
 MAX_NEW_TOKENS = 24
+PRICE = Decimal("0.00025")  # FARMESH_MODEL_PRICES for this model (the default price is 0.0001)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_seeded_sampling_through_the_swarm_equals_the_reference(client, smollm2_
 async def test_the_openai_client_streams_a_chat_answer_with_exact_usage_cost_and_contributions(
         real_swarm, kafka_bootstrap, database_url, db_pool) -> None:
     async with openai_mesh(real_swarm, kafka_bootstrap, database_url, db_pool, name="e2e-real", workers=1,
-                           gateways=1, concurrency=1) as (urls, issued, _):
+                           gateways=1, concurrency=1, model_prices={MODEL: PRICE}) as (urls, issued, _):
         api = openai.AsyncOpenAI(base_url=f"{urls[0]}/v1", api_key=issued.key, max_retries=0, timeout=300)
         assert [m.id for m in (await api.models.list()).data] == [MODEL]
         stream = await api.chat.completions.create(
@@ -93,8 +94,8 @@ async def test_the_openai_client_streams_a_chat_answer_with_exact_usage_cost_and
     session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
     assert (session["model"], session["status"], session["finish_reason"]) == (MODEL, "completed", "stop")
     assert (session["prompt_tokens"], session["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
-    assert session["cost"] == usage.completion_tokens * session["price_per_token"] == (
-        usage.completion_tokens * Decimal("0.0001"))
+    assert session["price_per_token"] == PRICE  # the model's own price, fixed when the gateway accepted it
+    assert session["cost"] == usage.completion_tokens * PRICE
     rows = await db_pool.fetch("SELECT start_block, end_block, tokens_processed, earnings FROM "
                                "far_session_contributions WHERE request_id = $1 ORDER BY start_block", request_id)
     # Every one of the 30 blocks served, once, for every position: the prompt, then each token but the last.
