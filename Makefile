@@ -40,9 +40,13 @@ unit: install
 	$(BIN)/pytest -ra tests/unit
 
 # Benchmarks (bench/README.md), one after the other; each ends with `ratio=X`. Results: bench/RESULTS.md.
-BENCHES := gateway_vs_direct ledger_ingest replay_rate payments_close gateway_hostile
+# Those whose path goes through the broker run on both: noida-db, then Apache Kafka (deploy/kafka; Java + Maven).
+BENCHES := ledger_ingest payments_close gateway_hostile
+BROKER_BENCHES := gateway_vs_direct replay_rate idle_mesh
 bench: install
-	@set -e; for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b; done
+	@set -e; for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b; done; \
+	for broker in noida kafka; do for b in $(BROKER_BENCHES); do \
+	  echo "== bench.$$b --broker $$broker"; $(BIN)/python -m bench.$$b --broker $$broker; done; done
 
 clean:
 	rm -rf $(VENV) .farmesh

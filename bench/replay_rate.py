@@ -1,6 +1,7 @@
 """`farmesh replay` rate vs raw aiokafka consumption of the same topic.
 
-A noida-db broker of our own (farmesh.dev.local_services.start_broker, 127.0.0.1) gets N sessions on
+A broker of our own (noida-db, or Apache Kafka with `--broker kafka`: farmesh.dev.local_services.start_local_broker,
+127.0.0.1) gets N sessions on
 farmesh.sessions (the worker's records: one inference.completed + one node.contribution per node, keyed
 by request_id, 6 partitions). Baseline: a group-less AIOKafkaConsumer reading every partition from the
 earliest offset to the end. Measured: consumers.ledger.replay.replay(), what `farmesh replay` runs (read the
@@ -11,7 +12,7 @@ Alternating rounds. The baseline is the FASTEST raw round (raw reads on the dev 
 Also printed, not the target: the validation floor, the raw read plus pydantic validation of each outcome
 record (what any replay must do before applying a rule), at its fastest round.
 
-    python -m bench.replay_rate [--sessions 10000] [--rounds 3]
+    python -m bench.replay_rate [--sessions 10000] [--rounds 3] [--broker noida|kafka]
 
 ratio = replay records/s / raw records/s   (target >= 0.5)
 """
@@ -30,8 +31,9 @@ from bench._common import Target, finish, ratio, say, scratch_database, stopwatc
 from bench._sessions import PRICE, reserve_all, session_events, wire
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
+from farmesh.kafka.log_reader import topic_partitions
 from schemas import money
-from farmesh.dev.local_services import start_broker
+from farmesh.dev.local_services import start_local_broker
 from consumers.ledger.replay import CONTRIBUTION_HEADER, replay
 from schemas import topics
 from schemas.events import session_event_adapter
@@ -67,7 +69,7 @@ async def raw_read(bootstrap: str, topic: str, each: Callable[[Any], object] | N
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or await _parts(consumer, topic))]
+        tps = [TopicPartition(topic, p) for p in (await topic_partitions(bootstrap, [topic]))[topic]]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
@@ -93,14 +95,10 @@ def validate_outcome(record: Any) -> None:
         session_event_adapter.validate_json(record.value)
 
 
-async def _parts(consumer, topic: str) -> set[int]:
-    await consumer.topics()
-    return consumer.partitions_for_topic(topic) or set()
 
-
-async def main(sessions: int, rounds: int) -> int:
+async def main(sessions: int, rounds: int, broker_kind: str = "noida") -> int:
     with tempfile.TemporaryDirectory(prefix="farmesh-bench-replay-") as tmp:
-        broker = start_broker(Path(tmp) / "kafka")
+        broker = await asyncio.to_thread(start_local_broker, broker_kind, Path(tmp) / "kafka")
         try:
             async with scratch_database("farmesh_bench_replay") as url:
                 await messaging.ensure_topics(broker.bootstrap, [(topics.SESSIONS.name, PARTITIONS)])
@@ -110,7 +108,7 @@ async def main(sessions: int, rounds: int) -> int:
                     await reserve_all(conn, client.account_id, [f"bench-{i}" for i in range(sessions)])
                     with stopwatch() as produce_t:
                         records = await produce(broker.bootstrap, client.account_id, sessions)
-                    say(f"sessions={sessions} records={records} partitions={PARTITIONS} "
+                    say(f"broker={broker_kind} sessions={sessions} records={records} partitions={PARTITIONS} "
                         f"(produced in {produce_t[0]:.2f} s)")
                     raw_rates, floor_rates, replay_rates = [], [], []
                     for n in range(rounds):
@@ -147,5 +145,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--broker", choices=("noida", "kafka"), default="noida", help="noida-db or Apache Kafka")
     args = parser.parse_args()
-    raise SystemExit(asyncio.run(main(args.sessions, args.rounds)))
+    raise SystemExit(asyncio.run(main(args.sessions, args.rounds, args.broker)))

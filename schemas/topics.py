@@ -21,6 +21,9 @@ class Topic:
     carries: tuple[type[events.Event], ...]
     description: str
     compacted: bool = False
+    # Topic configs set when the topic is created (farmesh.kafka.messaging.ensure_topics); an existing topic is
+    # left as it is (`kafka-configs --alter` changes one).
+    config: tuple[tuple[str, str], ...] = ()
 
 
 REQUESTS = Topic(
@@ -46,6 +49,8 @@ HEARTBEATS = Topic(
     "farmesh.nodes.heartbeats", "peer_id", (events.NodeHeartbeat, events.NodeTimedOut),
     "Signed provider heartbeats and the registry's signed time-out decisions (one partition order per peer); "
     "consumer group `registry`.",
+    # The registry judges skew and silence by each record's log time: the broker's clock, never the producer's.
+    config=(("message.timestamp.type", "LogAppendTime"),),
 )
 PAYMENTS = Topic(
     "farmesh.payments", "week", (events.PaymentBatchClosed,),

@@ -161,6 +161,15 @@ class TokenRelay:
 
 
 WORKER = "inference_worker"  # the key of the handlers' Worker in their broker's context
+# The group's membership on Apache Kafka (classic protocol): a worker that dies without leaving (SIGKILL, a lost
+# machine) keeps its partitions until the broker has heard no heartbeat from it for SESSION_TIMEOUT_MS; then the
+# group rebalances and its requests, uncommitted, go to a live worker. A client is waiting on each of them, so the
+# session is the broker's shortest (group.min.session.timeout.ms, 6 s), heartbeats every 2 s (a third of it, as
+# Kafka advises: two may be missed). Generation runs in a thread (asyncio.to_thread), so a busy worker still
+# heartbeats; max_poll_interval_ms (30 min) bounds a generation, not the liveness check. The other groups keep
+# aiokafka's 10 s / 3 s: a few seconds more before their backlog moves costs nobody a stream.
+SESSION_TIMEOUT_MS = 6_000
+HEARTBEAT_INTERVAL_MS = 2_000
 
 
 @dataclass
@@ -278,6 +287,7 @@ class InferenceRouter(KafkaRouter):
         self.subscriber(
             topics.REQUESTS.name, group_id=topics.GROUP_INFERENCE, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=30 * 60 * 1000, fetch_max_wait_ms=fetch_wait_ms,
+            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             max_workers=concurrency, title="inference", description="Runs a generation request on the Petals swarm",
         )(run_inference)
 

@@ -11,6 +11,7 @@ import asyncpg
 from consumers.registry.consumer import apply_records
 from consumers.registry.decisions import TrustedKeys
 from consumers.registry.repository import PostgresNodes
+from farmesh.kafka.log_reader import topic_partitions
 from schemas import topics
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,7 @@ async def rebuild(bootstrap: str, pool: asyncpg.Pool, *, trusted: TrustedKeys, t
     read = refused = 0
     try:
         await consumer.start()  # in the try: a consumer that failed to start is still stopped (no "Unclosed" noise)
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not partitions:
-            await consumer.topics()
-            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        partitions = [TopicPartition(topic, p) for p in (await topic_partitions(bootstrap, [topic]))[topic]]
         ends = await consumer.end_offsets(partitions)
         stop = {tp: (ends[tp] if until is None else min(until.get(tp.partition, 0), ends[tp])) for tp in partitions}
         consumer.assign(partitions)

@@ -133,8 +133,11 @@ def _run_coroutine(coroutine_factory, timeout: float):  # noqa: ANN001, ANN202
 
 
 async def _brokers_serving(bootstrap: str, timeout: float) -> int:
-    """How many brokers a Metadata request through aiokafka lists (0 when none answers)."""
+    """How many brokers a Metadata request through aiokafka lists, once a group coordinator answers too (0 until
+    then). A new cluster creates __consumer_offsets on the first FindCoordinator: until it has, every group
+    operation (an admin's offsets listing included, which aiokafka does not retry) fails."""
     from aiokafka import AIOKafkaClient
+    from aiokafka.client import CoordinationType
     from aiokafka.errors import KafkaError
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
@@ -142,6 +145,7 @@ async def _brokers_serving(bootstrap: str, timeout: float) -> int:
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
         metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout)
+        await asyncio.wait_for(client.coordinator_lookup(CoordinationType.GROUP, "farmesh-kafka-probe"), timeout)
         return len(metadata.brokers())
     except (KafkaError, OSError, TimeoutError):
         return 0
@@ -259,7 +263,8 @@ class KafkaNode:
         self._write_config()
         if (self.data_dir / "log" / "meta.properties").is_file():
             return
-        args = ["format", "-t", self.cluster_id, "-c", str(self.config_path), "--ignore-formatted"]
+        # `--cluster-id=ID` in one argument: a random id may start with "-", which argparse takes for an option.
+        args = ["format", f"--cluster-id={self.cluster_id}", f"--config={self.config_path}", "--ignore-formatted"]
         if self.voters is None:
             args.append("--standalone")
         result = subprocess.run(self._java(STORAGE_TOOL, args), stdin=subprocess.DEVNULL, capture_output=True,
@@ -388,12 +393,13 @@ class KafkaCluster:
     def running(self) -> bool:
         return all(n.running() for n in self.nodes)
 
-    def stop(self) -> None:
-        """SIGTERM every node at once (a lone node's controlled shutdown would wait for a quorum), then reap."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every node at once (a lone node's controlled shutdown would wait for a quorum), SIGKILL what is
+        left after `timeout`; reaps them all."""
         live = [n for n in self.nodes if n.running()]
         for n in live:
             n._signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         for n in live:
             try:
                 assert n.process is not None

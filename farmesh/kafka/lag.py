@@ -14,18 +14,20 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, Gauge
 
+from farmesh.kafka.log_reader import topic_partitions
+
 log = logging.getLogger(__name__)
 
 
 async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> dict[str, int]:
     """Messages not yet committed by `group`, per topic (a partition never committed counts from 0)."""
+    topics = list(topics)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="farmesh-lag")
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, client_id="farmesh-lag")
     await admin.start()
     await consumer.start()
     try:
-        await consumer.topics()  # fills the partition metadata
-        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        partitions = [TopicPartition(t, p) for t, ps in (await topic_partitions(bootstrap, topics)).items() for p in ps]
         ends = await consumer.end_offsets(partitions) if partitions else {}
         committed = await admin.list_consumer_group_offsets(group)
         lag: dict[str, int] = {t: 0 for t in topics}

@@ -7,6 +7,25 @@ from datetime import datetime
 from typing import Any, AsyncIterator
 
 
+async def topic_partitions(bootstrap: str, topics: list[str], timeout: float = 15.0) -> dict[str, list[int]]:
+    """Each topic's partition ids, from the cluster's metadata (an unknown topic: none).
+
+    A consumer that subscribed to nothing knows no topic's partitions: AIOKafkaConsumer.topics() fetches the
+    metadata but does not keep it (noida-db's first answer happened to list every topic; Apache Kafka's does
+    not). The admin client's DescribeTopics asks for exactly these topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="farmesh-partitions",
+                                request_timeout_ms=int(timeout * 1000))
+    await asyncio.wait_for(admin.start(), timeout)
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    found = {t["topic"]: sorted(p["partition"] for p in t["partitions"]) for t in described if t["error_code"] == 0}
+    return {t: found.get(t, []) for t in topics}
+
+
 async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, positions: dict[int, tuple[int, int]],
                            timeout: float = 30.0) -> AsyncIterator[list[Any]]:
     """Every record of `topic` from the earliest offset (or the first at/after `since`) to the end offsets
@@ -18,11 +37,7 @@ async def read_log_batches(bootstrap: str, topic: str, since: datetime | None, p
                                 auto_offset_reset="earliest")
     try:
         await consumer.start()
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in (await topic_partitions(bootstrap, [topic]))[topic]]
         if not tps:
             return
         consumer.assign(tps)

@@ -66,11 +66,17 @@ class DeadLetterMiddleware(BaseMiddleware):
             return None
 
 
+def bootstrap_servers(bootstrap: str) -> list[str]:
+    """"host:port,host:port" as a list: FastStream takes one string for ONE server (aiokafka would split it), so a
+    cluster's bootstrap (FARMESH_KAFKA_BOOTSTRAP=a:9092,b:9092,c:9092) must reach it as a list."""
+    return [server.strip() for server in bootstrap.split(",") if server.strip()]
+
+
 def create_broker(bootstrap: str, service: str, registry: CollectorRegistry, **kwargs: Any) -> KafkaBroker:
     """A service's broker: idempotent producer, Prometheus and dead-letter middlewares, the long-poll floor."""
     long_poll.install()
     broker = KafkaBroker(
-        bootstrap,
+        bootstrap_servers(bootstrap),
         client_id=f"farmesh-{service}",
         enable_idempotence=True,  # retried produce requests never duplicate a record
         middlewares=[
@@ -114,7 +120,8 @@ async def ensure_topics(
     replication_factor: int = 1,
     timeout: float = 15.0,
 ) -> list[str]:
-    """Create the missing topics with the given partition counts; existing ones are left alone.
+    """Create the missing topics with the given partition counts (and a mesh topic's own configs: the heartbeat
+    topic's LogAppendTime); existing ones are left alone.
 
     Returns the names that were created. Idempotent and safe against a concurrent creator.
     """
@@ -129,7 +136,9 @@ async def ensure_topics(
     await asyncio.wait_for(admin.start(), timeout)
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name=n, num_partitions=p, replication_factor=replication_factor)
+        configs = {t.name: dict(t.config) for t in topics.ALL if t.config}
+        missing = [NewTopic(name=n, num_partitions=p, replication_factor=replication_factor,
+                            topic_configs=configs.get(n, {}))
                    for n, p in wanted.items() if n not in existing]
         if not missing:
             return []
@@ -144,9 +153,26 @@ async def ensure_topics(
             else:
                 message = item[2] if len(item) > 2 else ""
                 raise for_code(code)(f"creating topic {name!r}: {message or 'error code ' + str(code)}")
+        await _until_led(admin, [t.name for t in missing], timeout)
         return created
     finally:
         await admin.close()
+
+
+async def _until_led(admin: Any, names: list[str], timeout: float) -> None:
+    """Wait until every partition of the topics `names` has a leader in the cluster's metadata.
+
+    Apache Kafka answers CreateTopics before its brokers' metadata lists the new partitions: a producer or a
+    consumer that asks at once may see no partitions (nothing assigned, nothing counted) for a while."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        described = await admin.describe_topics(names)
+        if all(t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+               for t in described):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"topics {names} created but without partition leaders after {timeout:.0f} s")
+        await asyncio.sleep(0.05)
 
 
 def mesh_topics(partitions: int) -> list[tuple[str, int]]:

@@ -281,11 +281,12 @@ async def read_until_now(bootstrap: str, topic: str) -> list[bytes]:
     """Every record of `topic` up to its end right now (nodes keep appending while we read)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from farmesh.kafka.log_reader import topic_partitions
+
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        parts = [TopicPartition(topic, p) for p in (await topic_partitions(bootstrap, [topic]))[topic]]
         ends = await consumer.end_offsets(parts)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
@@ -31,11 +32,11 @@ from db import scratch
 from farmesh.billing import accounts
 from farmesh.kafka import messaging
 from schemas import money
-from farmesh.dev.local_services import LocalBroker, free_port, start_broker
+from farmesh.dev.local_services import free_port
 from farmesh.dev.processes import ManagedProcess
 from schemas import topics
 from schemas.events import Event, SessionOutcome
-from tests.support.kafka import wait_caught_up
+from tests.support.kafka import on_kafka, start_test_broker, wait_caught_up
 from tests.support.money import outcome, producer, reserve_for
 
 FEE = Decimal("0.05")
@@ -100,6 +101,14 @@ async def expire_members(bootstrap: str, group: str, members: set[str]) -> None:
                 raise for_code(response.error_code)(f"leaving {group} for {member}")
     finally:
         await admin.close()
+
+
+async def dead_member_leaves(bootstrap: str, group: str, process: ManagedProcess) -> None:
+    """What happens to a SIGKILLed consumer's group membership: on Apache Kafka nothing needs doing (its session
+    times out: the group's session_timeout_ms, then a rebalance); on the dev broker, which never expires a member,
+    the drill sends the LeaveGroup (expire_members)."""
+    if not on_kafka():
+        await expire_members(bootstrap, group, member_ids(process, group))
 
 
 def audit_cli(database_url: str) -> subprocess.CompletedProcess:
@@ -187,8 +196,8 @@ class RetryingProducer:
     In doubt, publish again: when a publish fails, the events acknowledged during the `in_doubt` seconds before
     the last acknowledgement are published again (same ids, original order) before the failed one. The dev
     broker (noida-db 0.2.3) acknowledges writes that reach it while it shuts down and does not keep them (the
-    broker-restart drill measured 0 to 8 such events, all within ~20 ms of the stop); Apache Kafka with
-    acks=all never loses an acknowledged write, and there this costs only duplicates, which are ignored.
+    broker-restart drill measured 0 to 8 such events, all within ~20 ms of the stop). Apache Kafka with
+    acks=all never loses an acknowledged write: the drills run there with `in_doubt=0` (nothing published again).
     """
 
     def __init__(self, bootstrap: str, *, attempt_timeout: float = 5.0, give_up_after: float = 60.0,
@@ -200,6 +209,8 @@ class RetryingProducer:
         self.retries = 0
         self.republished = 0
         self.failures: list[str] = []
+        self.acknowledged: set[uuid.UUID] = set()  # event ids the broker acknowledged (acks=all: idempotent producer)
+        self.ack_times: list[float] = []  # time.monotonic() of each acknowledgement
         self._broker = None
         self._acked: deque[tuple[float, str, Event, str]] = deque()  # (when, key, event, topic), last in_doubt s
 
@@ -213,6 +224,8 @@ class RetryingProducer:
                 k, e, t = pending[0]
                 await asyncio.wait_for(messaging.publish(self._broker, t, e, k), self.attempt_timeout)
                 pending.pop(0)
+                self.acknowledged.add(e.event_id)
+                self.ack_times.append(time.monotonic())
                 self._remember(k, e, t)
             except (KafkaError, OSError, TimeoutError) as exc:
                 self.retries += 1
@@ -228,6 +241,8 @@ class RetryingProducer:
                 await asyncio.sleep(0.2)
 
     def _remember(self, key: str, event: Event, topic: str) -> None:
+        if self.in_doubt <= 0:  # Apache Kafka: an acknowledged write is kept
+            return
         now = time.monotonic()
         self._acked.append((now, key, event, topic))
         while self._acked[0][0] < now - self.in_doubt:
@@ -311,7 +326,7 @@ class LedgerDrill:
     reserved sessions and a producer ready to publish its outcomes. The drill breaks something in between."""
 
     workdir: Path
-    broker: LocalBroker
+    broker: Any  # LocalBroker (noida-db) or KafkaNode (Apache Kafka): tests/support/kafka.py's switch
     url: str
     pool: asyncpg.Pool
     load: Load
@@ -357,13 +372,15 @@ async def ledger_drill(workdir: Path, admin_url: str, sessions: int, *,
                        attempt_timeout: float = 5.0) -> AsyncIterator[LedgerDrill]:
     """A LedgerDrill with the ledger started; everything it started is stopped afterwards (the broker the drill
     holds at the end too, if it restarted it), and the database dropped."""
-    broker = start_broker(workdir / "kafka")
+    broker = await asyncio.to_thread(start_test_broker, workdir / "kafka")
     drill: LedgerDrill | None = None
     try:
         await messaging.ensure_topics(broker.bootstrap, messaging.mesh_topics(3))
         async with scratch_database(admin_url) as (url, pool):
+            # Apache Kafka with acks=all keeps every write it acknowledged: nothing is published again there.
+            in_doubt = 0.0 if on_kafka() else 1.0
             drill = LedgerDrill(workdir, broker, url, pool, await make_load(pool, sessions),
-                                RetryingProducer(broker.bootstrap, attempt_timeout=attempt_timeout))
+                                RetryingProducer(broker.bootstrap, attempt_timeout=attempt_timeout, in_doubt=in_doubt))
             try:
                 drill.start_ledger()
                 yield drill
@@ -375,6 +392,6 @@ async def ledger_drill(workdir: Path, admin_url: str, sessions: int, *,
                 if drill.ledger is not None:
                     drill.ledger.stop()
     finally:
-        broker.stop()
+        await asyncio.to_thread(broker.stop)
         if drill is not None and drill.broker is not broker:
-            drill.broker.stop()
+            await asyncio.to_thread(drill.broker.stop)

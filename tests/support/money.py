@@ -27,7 +27,7 @@ from schemas.events import Contribution, InferenceCompleted, InferenceFailed, In
 
 @dataclass
 class MoneyEnv:
-    """A Kafka-protocol broker and a migrated database of its own: the audit and the replay see only
+    """A broker (FARMESH_TEST_BROKER's kind) and a migrated database of its own: the audit and the replay see only
     what the test did (the session-wide broker and database are shared with every other test)."""
 
     bootstrap: str
@@ -38,9 +38,9 @@ class MoneyEnv:
 @contextlib.asynccontextmanager
 async def money_env(tmp: Path, admin_url: str) -> AsyncIterator[MoneyEnv]:
     from db.scratch import scratch_database
-    from farmesh.dev.local_services import start_broker
+    from tests.support.kafka import start_test_broker
 
-    broker = start_broker(tmp / "kafka")
+    broker = await asyncio.to_thread(start_test_broker, tmp / "kafka")
     try:
         async with scratch_database(admin_url, "farmesh_money") as url:
             await messaging.ensure_topics(broker.bootstrap, messaging.mesh_topics(3))
@@ -50,7 +50,7 @@ async def money_env(tmp: Path, admin_url: str) -> AsyncIterator[MoneyEnv]:
             finally:
                 await pool.close()
     finally:
-        broker.stop()
+        await asyncio.to_thread(broker.stop)
 
 
 async def producer(bootstrap: str) -> KafkaBroker:

@@ -12,7 +12,8 @@ import pytest
 from bench._common import Target, final_lines, percentile, ratio
 
 BENCHES = {"gateway_vs_direct": Target(0.95), "ledger_ingest": Target(0.5), "replay_rate": Target(0.5),
-           "payments_close": Target(2.0, at_least=False), "gateway_hostile": Target(1.5, at_least=False)}
+           "payments_close": Target(2.0, at_least=False), "gateway_hostile": Target(1.5, at_least=False),
+           "idle_mesh": Target(0.5, at_least=False)}
 
 
 def test_ratio_and_percentile():

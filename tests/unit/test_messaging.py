@@ -34,3 +34,10 @@ async def test_invalid_message_is_dead_lettered_and_counted_in_the_service_regis
     assert registry.get_sample_value("farmesh_dead_letters_total", {"consumer_group": "svc", "topic": "in"}) == 1
     # a second service in the same process has its own count
     assert messaging.create_broker("127.0.0.1:1", "other", CollectorRegistry()) is not broker
+
+
+def test_a_cluster_bootstrap_reaches_faststream_as_a_list_of_servers():
+    # FastStream takes a single string for ONE server: "a:1,b:2" would be dialled as host "a:1,b" port 2.
+    assert messaging.bootstrap_servers("127.0.0.1:9092") == ["127.0.0.1:9092"]
+    assert messaging.bootstrap_servers("127.0.0.1:1, 127.0.0.1:2,127.0.0.1:3,") == [
+        "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
