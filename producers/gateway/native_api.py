@@ -38,7 +38,9 @@ from schemas.events import Sampling, StopSequence, TokenChunk
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # strict: no "10" -> 10, true -> 1, 2.0 -> 2
+    # strict: no "10" -> 10, true -> 1, 2.0 -> 2. The schema says what _prompt_or_messages checks: one of the two.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS,
                                description="Raw text the model continues (or send messages)")

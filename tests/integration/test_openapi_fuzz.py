@@ -94,8 +94,8 @@ async def test_fuzzing_the_native_api_with_invalid_data_yields_documented_refusa
                         "content_type_conformance,negative_data_rejection")
     report = process.stdout + process.stderr
     assert process.returncode == 0, report[-6000:]
-    tested = re.search(r"Tested: (\d+)", report)  # generate, sessions, nodes, one node, swarm
-    assert tested and int(tested.group(1)) == 5, report[-3000:]
+    tested = re.search(r"Tested: (\d+)", report)  # generate, sessions, nodes, one node, swarm, heartbeats
+    assert tested and int(tested.group(1)) == 6, report[-3000:]
     assert await env.pool.fetchval("SELECT count(*) FROM far_reservations WHERE account_id = $1",
                                    issued.account_id) == 0
     assert set(await read_all(env.bootstrap, topics.REQUESTS.name)) == before  # nothing published
