@@ -1,8 +1,10 @@
-"""Static checks of compose.yaml, deploy/Dockerfile, deploy/prometheus.yml and .dockerignore.
+"""Static checks of compose.yaml, deploy/tiny.env, deploy/Dockerfile, deploy/prometheus.yml and .dockerignore.
 
 No Docker engine is needed: the files are parsed and checked against the code they run. Every command a
 service runs is parsed by the real `farmesh` click tree, every FARMESH_* name must be a Settings field or an
-envvar the CLI declares, so renaming a command, a flag or a setting makes these tests fail.
+envvar the CLI declares, so renaming a command, a flag or a setting makes these tests fail. The swarm's members
+are checked to be services of their own, each with its own address inside FARMESH_SWARM_NETWORKS (checked with
+farmesh's own address rules), and the model defaults against farmesh/models/smollm2.py.
 """
 from __future__ import annotations
 
@@ -27,20 +29,29 @@ DOCKERFILE_PATH = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS_PATH = ROOT / "deploy" / "prometheus.yml"
 GRAFANA_PATH = ROOT / "deploy" / "grafana"
 DOCKERIGNORE_PATH = ROOT / ".dockerignore"
+TINY_ENV_PATH = ROOT / "deploy" / "tiny.env"
 MAKEFILE_PATH = ROOT / "Makefile"
 
 EXPECTED_SERVICES = {
-    "kafka", "postgres", "migrate", "model", "swarm-identity", "swarm", "dht", "node1", "node2", "node-gpu",
+    "kafka", "postgres", "migrate", "model", "swarm-identity", "dht", "node1", "node2", "node-gpu",
     "worker", "ledger", "payments", "registry", "gateway", "prometheus", "grafana",
 }
 # Services of the farmesh image that do not run `farmesh`, and why.
 HELPER_SERVICES = {
     "swarm-identity": "writes the DHT identity and its multiaddr; `farmesh` has no command for that yet",
-    "swarm": "pause container holding the network namespace the swarm's processes share",
 }
 # Variables of third-party images (apache/kafka, postgres, grafana) that compose.yaml may set or interpolate.
 IMAGE_VAR_PREFIXES = ("KAFKA_", "POSTGRES_", "GF_")
 IMAGE_VARS = {"CLUSTER_ID"}
+# compose.yaml's own variables (no FARMESH_ prefix: they are no settings): which `farmesh model` command the `model`
+# one-shot runs and each node's blocks. deploy/tiny.env sets them for the tiny model.
+COMPOSE_VARS = {"MODEL_KIND", "NODE1_BLOCKS", "NODE2_BLOCKS", "NODE_GPU_BLOCKS"}
+# Variables a service's own shell script sets and reads ($$out: the `model` wrapper's last argument).
+SHELL_LOCALS = {"out"}
+# The network the swarm's members have their own addresses on, and the environment anchors.
+SWARM_NETWORK = "swarm"
+# What only the services that talk to the broker and the database get (not the swarm's own dht and nodes).
+BACKEND_ENV = {"FARMESH_KAFKA_BOOTSTRAP", "FARMESH_DATABASE_URL"}
 # What the brief promises every farmesh service gets from the shared x-farmesh-env anchor.
 REQUIRED_SHARED_ENV = {
     "FARMESH_KAFKA_BOOTSTRAP", "FARMESH_DATABASE_URL", "FARMESH_INITIAL_PEERS", "FARMESH_MODEL",
@@ -61,21 +72,34 @@ _INTERPOLATION = re.compile(
 _SHELL_VARIABLE = re.compile(r"\$\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def interpolate(value: Any) -> Any:
-    """Resolve compose interpolation with an empty host environment (so every default applies)."""
+def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
+    """Resolve compose interpolation with the host environment `env` (default: empty, so every default applies)."""
+    env = env or {}
     if isinstance(value, str):
         def substitute(match: re.Match[str]) -> str:
             if match["escaped"]:
                 return "$"
+            name = match["braced"] or match["named"]
             if match["op"] in (":-", "-"):
-                return match["arg"]
-            return ""
+                return env.get(name) or match["arg"] if match["op"] == ":-" else env.get(name, match["arg"])
+            return env.get(name, "")
         return _INTERPOLATION.sub(substitute, value)
     if isinstance(value, list):
-        return [interpolate(v) for v in value]
+        return [interpolate(v, env) for v in value]
     if isinstance(value, dict):
-        return {k: interpolate(v) for k, v in value.items()}
+        return {k: interpolate(v, env) for k, v in value.items()}
     return value
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A compose --env-file: NAME=VALUE lines, # comments."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f"{path}: {line!r} is not NAME=VALUE"
+            values[name.strip()] = value.strip()
+    return values
 
 
 def strings_in(value: Any) -> Iterator[str]:
@@ -285,16 +309,21 @@ def test_every_farmesh_service_runs_a_real_subcommand(services: dict, runs: dict
     farmesh_services = {n for n, s in services.items() if is_farmesh_image(s)}
     assert farmesh_services - set(HELPER_SERVICES) == set(runs)
     assert {path for path, _, _ in runs.values()} >= {
-        ("db", "migrate"), ("model", "tiny"), ("dht",), ("node",), ("worker",), ("ledger",), ("gateway",),
+        ("db", "migrate"), ("model", "smollm2"), ("dht",), ("node",), ("worker",), ("ledger",), ("gateway",),
     }
 
 
-def test_helper_services_are_one_shots_or_the_pod(services: dict) -> None:
+def test_helper_services_are_one_shots(services: dict) -> None:
     identity = services["swarm-identity"]
     assert as_argv(identity["entrypoint"])[:2] == ["python", "-c"]
     assert identity.get("restart") == "no"
-    assert as_argv(services["swarm"]["entrypoint"]) == ["sleep", "infinity"]
-    assert services["swarm"].get("init") is True
+
+
+def test_no_service_shares_another_ones_network_namespace(services: dict) -> None:
+    for name, service in services.items():
+        mode = service.get("network_mode")
+        assert mode in (None, "none"), f"{name}: network_mode {mode!r} (every service has its own network namespace)"
+        assert not service.get("network_mode", "").startswith(("service:", "container:", "host")), name
 
 
 def test_environment_names_are_known(compose: dict, services: dict, farmesh_cli: click.Group) -> None:
@@ -312,19 +341,35 @@ def test_environment_names_are_known(compose: dict, services: dict, farmesh_cli:
         if name.startswith("FARMESH_"):
             assert name in allowed, f"{name} is neither a Settings field nor an envvar of the farmesh CLI"
         else:
-            assert name.startswith(IMAGE_VAR_PREFIXES) or name in IMAGE_VARS, f"unknown variable {name}"
+            assert name.startswith(IMAGE_VAR_PREFIXES) or name in IMAGE_VARS | COMPOSE_VARS | SHELL_LOCALS, (
+                f"unknown variable {name}")
+    for name in env_file(TINY_ENV_PATH):
+        assert name in allowed | COMPOSE_VARS, f"deploy/tiny.env: {name} is neither a setting nor a compose variable"
 
 
-def test_farmesh_services_share_one_env_anchor(compose: dict, services: dict) -> None:
-    shared = interpolate(compose["x-farmesh-env"])
+def swarm_peers(runs: dict) -> set[str]:
+    """The swarm's own processes: the DHT bootstrap peer and the nodes (not its clients, worker and gateway)."""
+    return {name for name, (path, _, _) in runs.items() if path in (("dht",), ("node",))}
+
+
+def test_farmesh_services_share_one_env_anchor(compose: dict, services: dict, runs: dict) -> None:
+    shared = {k: str(v) for k, v in interpolate(compose["x-farmesh-env"]).items()}
+    swarm_env = {k: str(v) for k, v in interpolate(compose["x-swarm-env"]).items()}
     assert REQUIRED_SHARED_ENV <= set(shared)
+    assert swarm_env == {k: v for k, v in shared.items() if k not in BACKEND_ENV}, (
+        "x-swarm-env is x-farmesh-env without the broker and the database")
+    peers = swarm_peers(runs)
+    assert peers >= {"dht", "node1", "node2", "node-gpu"}
     for name, service in services.items():
         if is_farmesh_image(service):
-            assert env_of(service) == {k: str(v) for k, v in shared.items()}, f"{name} does not use x-farmesh-env"
+            expected, anchor = (swarm_env, "x-swarm-env") if name in peers else (shared, "x-farmesh-env")
+            assert env_of(service) == expected, f"{name} does not use {anchor}"
             assert all(k.startswith("FARMESH_") for k in env_of(service)), name
 
 
 def test_shared_env_is_valid_settings(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from farmesh.models import smollm2
+
     for key in list(os.environ):
         if key.startswith("FARMESH_"):
             monkeypatch.delenv(key)
@@ -335,8 +380,8 @@ def test_shared_env_is_valid_settings(compose: dict, monkeypatch: pytest.MonkeyP
     assert settings.kafka_bootstrap == "kafka:9092"
     assert settings.database_url and settings.database_url.startswith("postgresql://") and "@postgres:5432/" in settings.database_url
     assert settings.initial_peers == []  # filled in at run time from the DHT's multiaddr file
-    assert settings.model == "/models/tiny"
-    assert settings.dht_prefix
+    assert settings.model == f"/models/{smollm2.MODEL_ID}"
+    assert settings.dht_prefix == smollm2.MODEL_ID
 
 
 def test_consumer_groups_have_services(runs: dict, farmesh_cli: click.Group) -> None:
@@ -364,17 +409,20 @@ def test_published_ports_are_loopback_only(services: dict, runs: dict) -> None:
     path, command, values = runs["gateway"]
     host, port = listen_address(command, values)
     assert host == "0.0.0.0", "the gateway must listen on the compose network inside its container"
-    pod = services[pod_of(services["gateway"], "gateway")]
-    assert (LOOPBACK, port, port) in published_ports(pod), "the gateway's port is not published on 127.0.0.1"
+    assert (LOOPBACK, port, port) in published_ports(services["gateway"]), "the gateway's port is not published on 127.0.0.1"
 
 
 def test_services_wait_for_their_dependencies(compose: dict, services: dict, runs: dict) -> None:
     for name in ("kafka", "postgres"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert runs["migrate"][0] == ("db", "migrate")
-    for name, (path, command, _) in runs.items():
+    for name, (path, command, values) in runs.items():
         params = {p.name for p in command.params}
         if not params & {"kafka_bootstrap", "database_url"} or path == ("db", "migrate"):
+            continue
+        if path == ("node",):
+            assert values.get("heartbeat_url"), f"{name}: a node sends its heartbeats to the gateway's ingress"
+            assert "kafka" not in services[name].get("depends_on", {}), f"{name} never talks to Kafka"
             continue
         depends = services[name].get("depends_on", {})
         if "kafka_bootstrap" in params:
@@ -399,31 +447,139 @@ def test_kafka_is_single_node_kraft(services: dict) -> None:
     assert services["postgres"]["image"].startswith("postgres:16")
 
 
-def test_swarm_topology(services: dict, runs: dict) -> None:
-    from farmesh.swarm.petals_compat import is_loopback_maddr
-    from farmesh.dev.tiny_model import tiny_config
+def swarm_subnet(compose: dict) -> str:
+    (config,) = compose["networks"][SWARM_NETWORK]["ipam"]["config"]
+    return config["subnet"]
 
+
+def swarm_address(name: str, service: dict) -> str:
+    """The service's own fixed address on the swarm network."""
+    networks = service.get("networks") or {}
+    assert isinstance(networks, dict) and SWARM_NETWORK in networks, f"{name} is not on the network {SWARM_NETWORK!r}"
+    address = (networks[SWARM_NETWORK] or {}).get("ipv4_address")
+    assert address, f"{name} has no fixed ipv4_address on {SWARM_NETWORK!r} (libp2p addresses must be IPs)"
+    return address
+
+
+def libp2p_members(runs: dict) -> dict[str, tuple]:
+    """Every service that speaks libp2p: the DHT, the nodes and the swarm's clients (worker, gateway)."""
+    return {name: run for name, run in runs.items()
+            if run[0] in (("dht",), ("node",)) or "initial_peers" in {p.name for p in run[1].params}}
+
+
+def swarm_listen_host(path: tuple, values: dict) -> str | None:
+    """The address a swarm process listens on: --host, or the gateway's --swarm-host (--host is its HTTP server)."""
+    return values.get("swarm_host") if path == ("gateway",) else values.get("host")
+
+
+def test_swarm_members_have_their_own_addresses_inside_the_swarm_networks(compose: dict, services: dict,
+                                                                         runs: dict) -> None:
+    """Each swarm process is its own service (own network namespace) with a fixed address on the swarm network,
+    listens and announces only that address, and that address is inside FARMESH_SWARM_NETWORKS (checked with
+    farmesh's own rules: an IP, never a wildcard, inside the networks)."""
+    import ipaddress
+
+    from farmesh.swarm import petals_compat
+
+    subnet = swarm_subnet(compose)
+    networks_value = env_of(services["worker"])["FARMESH_SWARM_NETWORKS"]
+    assert networks_value == subnet, "FARMESH_SWARM_NETWORKS must be the swarm network's subnet"
+    networks = petals_compat.parse_networks(networks_value)
+    assert not any(n.overlaps(ipaddress.ip_network("127.0.0.0/8")) for n in networks if n.version == 4), (
+        "containers have their own loopback: the swarm cannot span services there")
+    members = libp2p_members(runs)
+    assert {path for path, _, _ in members.values()} >= {("dht",), ("node",), ("worker",), ("gateway",)}
+    addresses: dict[str, str] = {}
+    for name, (path, command, values) in members.items():
+        service = services[name]
+        assert "network_mode" not in service, f"{name} must have its own network namespace"
+        address = swarm_address(name, service)
+        assert ipaddress.ip_address(address) in ipaddress.ip_network(subnet), f"{name}: {address} outside {subnet}"
+        host = swarm_listen_host(path, values)
+        assert host == address, f"{name} must listen on its own swarm address {address}, not {host or 'loopback'}"
+        assert petals_compat.check_host(host, name, networks) == address
+        announce = values.get("announce_host")
+        assert announce in (None, address), f"{name} announces {announce}, not its own address"
+        assert env_of(service)["FARMESH_SWARM_NETWORKS"] == networks_value, f"{name}: other swarm networks"
+        addresses[name] = address
+    assert len(set(addresses.values())) == len(addresses), f"two swarm members share an address: {addresses}"
+    # Nothing else claims an address of the swarm network.
+    for name, service in services.items():
+        if name not in members and isinstance(service.get("networks"), dict):
+            assert SWARM_NETWORK not in service["networks"], f"{name} does not speak libp2p: keep it off the swarm"
+    # The swarm's own processes are on the swarm network only: they cannot reach Kafka or PostgreSQL. The clients
+    # (worker, gateway) are also on the default network, with the broker and the database.
+    for name in swarm_peers(runs):
+        assert set(services[name]["networks"]) == {SWARM_NETWORK}, f"{name} must be on {SWARM_NETWORK!r} only"
+        assert not BACKEND_ENV & set(env_of(services[name])), f"{name} gets no broker or database address"
+    for name in set(members) - swarm_peers(runs):
+        assert set(services[name]["networks"]) == {"default", SWARM_NETWORK}, name
+
+
+def test_nodes_join_through_the_dht_and_post_heartbeats_to_the_gateway(compose: dict, services: dict,
+                                                                        runs: dict) -> None:
+    from farmesh.swarm import petals_compat
+
+    members = libp2p_members(runs)
     dht = runs["dht"]
-    assert dht[0] == ("dht",)
+    dht_address = swarm_address("dht", services["dht"])
+    # The multiaddr swarm-identity writes names the dht's own address, port and key.
+    script = as_argv(services["swarm-identity"]["command"])[0]
+    key_path, host, port = re.search(r'key, host, port = "([^"]+)", "([^"]+)", (\d+)', script).groups()
+    assert host == dht_address and dht[2]["host"] == dht_address
+    assert dht[2]["identity_path"] == key_path and int(dht[2]["port"]) == int(port)
+    networks = petals_compat.parse_networks(env_of(services["worker"])["FARMESH_SWARM_NETWORKS"])
+    assert petals_compat.is_allowed_maddr(f"/ip4/{host}/tcp/{port}", networks)
+    assert not petals_compat.is_allowed_maddr(f"/ip4/{LOOPBACK}/tcp/{port}", networks)
+    # Everything else that speaks libp2p gets that multiaddr through the wrapper, once the dht is healthy.
+    for name in set(members) - {"dht"}:
+        assert as_argv(services[name]["entrypoint"])[:2] == ["sh", "-c"], f"{name} must get the DHT's maddr"
+        assert "swarm-state:/swarm:ro" in services[name]["volumes"], name
+        assert services[name]["depends_on"]["dht"]["condition"] == "service_healthy", name
+    health = " ".join(as_argv(services["dht"]["healthcheck"]["test"]))
+    assert f"('{dht_address}', {port})" in health, "the dht's healthcheck must dial its own address"
+    # Nodes: heartbeats to the gateway's ingress over the swarm network, on the port the gateway serves.
+    _, gateway_command, gateway_values = runs["gateway"]
+    gateway_port = listen_address(gateway_command, gateway_values)[1]
+    for name, (path, _, values) in members.items():
+        if path != ("node",):
+            continue
+        assert values.get("heartbeat_url") == f"http://gateway:{gateway_port}", f"{name}: heartbeats to the gateway"
+        assert values.get("wallet"), f"{name}: without a wallet a node sends no heartbeats"
+        health = " ".join(as_argv(services[name]["healthcheck"]["test"]))
+        assert f"('{values['host']}', {values['port']})" in health, f"{name}: healthcheck on its own address"
+    ports = [int(values["port"]) for _, (path, _, values) in members.items() if path in (("dht",), ("node",))]
+    assert len(ports) == len(set(ports)), "distinct ports: a provider's port says which node it is"
+
+
+def check_model_plan(services: dict, runs: dict, kind: str, model_dir: str, prefix: str, layers: int) -> None:
+    """The `model` one-shot writes `kind` into the directory every node, worker and gateway loads; the CPU nodes
+    split its `layers` blocks without gaps or overlaps; the GPU node serves them all."""
+    assert runs["model"][0] == ("model", kind), f"the model one-shot runs {runs['model'][0]}"
+    assert (runs["model"][2].get("directory") or runs["model"][2].get("out")) == model_dir
+    for name in ("worker", "gateway", "node1"):
+        env = env_of(services[name])
+        assert (env["FARMESH_MODEL"], env["FARMESH_DHT_PREFIX"]) == (model_dir, prefix), name
     nodes = {n: r for n, r in runs.items() if r[0] == ("node",)}
     assert set(nodes) == {"node1", "node2", "node-gpu"}
-    pod = pod_of(services["dht"], "dht")
-    assert pod == "swarm" and pod_of(services["swarm"], "swarm") == "swarm"
-    # Everything that speaks libp2p shares the pod's loopback (farmesh refuses non-loopback multiaddrs).
-    for name, (path, command, _) in runs.items():
-        if path == ("node",) or "initial_peers" in {p.name for p in command.params}:
-            assert pod_of(services[name], name) == pod, f"{name} must run in the swarm pod"
-            assert as_argv(services[name]["entrypoint"])[:2] == ["sh", "-c"], f"{name} must get the DHT's maddr"
-            assert "swarm-state:/swarm:ro" in services[name]["volumes"], name
-            assert services[name]["depends_on"]["dht"]["condition"] == "service_healthy", name
-    # Distinct fixed ports inside the pod.
-    ports = [int(values["port"]) for _, (path, _, values) in runs.items() if path in (("dht",), ("node",))]
-    assert len(ports) == len(set(ports))
-    # CPU nodes split the tiny model's blocks; the GPU node is opt-in, on CUDA, with a GPU reserved.
-    layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
+    for name, (path, command, values) in runs.items():
+        if path == ("node",):
+            assert values["model_dir"] == model_dir, name
+            assert services[name]["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        if path in (("node",), ("worker",), ("gateway",), ("model", kind)):
+            assert any(str(v).startswith("models:/models") for v in services[name]["volumes"]), name
     spans = sorted(tuple(int(b) for b in nodes[n][2]["blocks"].split(":")) for n in ("node1", "node2"))
-    assert spans[0][0] == 0 and spans[-1][1] == layers
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[0][0] == 0 and spans[-1][1] == layers, f"the CPU nodes serve {spans} of {layers} blocks"
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f"gaps or overlaps in {spans}"
+    assert nodes["node-gpu"][2]["blocks"] == f"0:{layers}"
+
+
+def test_swarm_serves_smollm2_by_default(services: dict, runs: dict) -> None:
+    from farmesh.models import smollm2
+
+    check_model_plan(services, runs, "smollm2", f"/models/{smollm2.MODEL_ID}", smollm2.MODEL_ID, smollm2.BLOCKS)
+    nodes = {n: r for n, r in runs.items() if r[0] == ("node",)}
+    # CPU nodes by default; the GPU node is opt-in, on CUDA, float16, with a GPU reserved.
     for name in ("node1", "node2"):
         assert nodes[name][2].get("device") in (None, "cpu") and "profiles" not in services[name]
     gpu = services["node-gpu"]
@@ -433,21 +589,37 @@ def test_swarm_topology(services: dict, runs: dict) -> None:
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     build_args = {keyword_rest.split("=")[0] for keyword, keyword_rest in dockerfile_instructions() if keyword == "ARG"}
     assert set(gpu["build"]["args"]) <= build_args
-    # Model: the nodes serve the directory the clients load (FARMESH_MODEL), written by the `model` one-shot.
-    model_dir = env_of(services["worker"])["FARMESH_MODEL"]
-    assert runs["model"][0] == ("model", "tiny") and runs["model"][2]["directory"] == model_dir
-    for name, (path, command, values) in runs.items():
-        if path == ("node",):
-            assert values["model_dir"] == model_dir, name
-            assert services[name]["depends_on"]["model"]["condition"] == "service_completed_successfully"
-        if path in (("node",), ("worker",), ("gateway",), ("model", "tiny")):
-            assert any(str(v).startswith("models:/models") for v in services[name]["volumes"]), name
-    # The DHT listens on the port and identity that swarm-identity announces.
-    script = as_argv(services["swarm-identity"]["command"])[0]
-    key_path, port = re.search(r'key, port = "([^"]+)", (\d+)', script).groups()
-    assert dht[2]["identity_path"] == key_path and int(dht[2]["port"]) == int(port)
-    assert dht[2].get("host") in (None, LOOPBACK)
-    assert is_loopback_maddr(f"/ip4/{LOOPBACK}/tcp/{port}")
+
+
+def test_tiny_env_switches_to_the_tiny_model(compose: dict, farmesh_cli: click.Group, image_entrypoint: list) -> None:
+    from farmesh.dev.tiny_model import tiny_config
+    from farmesh.swarm.petals_compat import DEFAULT_DHT_PREFIX
+
+    tiny = env_file(TINY_ENV_PATH)
+    services = {name: interpolate(service, tiny) for name, service in compose["services"].items()}
+    runs = invocations(services, farmesh_cli, image_entrypoint)
+    layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
+    check_model_plan(services, runs, "tiny", tiny["FARMESH_MODEL"], DEFAULT_DHT_PREFIX, layers)
+
+
+def test_model_one_shot_skips_a_written_model(tmp_path: Path, services: dict) -> None:
+    """The `model` wrapper runs `farmesh model ...` once, and exits 0 without it when the directory holds a model."""
+    argv = as_argv(services["model"]["entrypoint"])
+    assert argv[:2] == ["sh", "-c"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "farmesh").write_text('#!/bin/sh\necho "ran $*"\n')
+    (bin_dir / "farmesh").chmod(0o755)
+    out = tmp_path / "model"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    first = subprocess.run([*argv, "model", "smollm2", str(out)], env=env, check=True, capture_output=True, text=True,
+                           timeout=30).stdout.strip()
+    assert first == f"ran model smollm2 {out}"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    again = subprocess.run([*argv, "model", "smollm2", str(out)], env=env, check=True, capture_output=True, text=True,
+                           timeout=30).stdout.strip()
+    assert not again.startswith("ran"), again
 
 
 def test_swarm_identity_and_entrypoint_work(tmp_path: Path, compose: dict, services: dict) -> None:
@@ -464,7 +636,8 @@ def test_swarm_identity_and_entrypoint_work(tmp_path: Path, compose: dict, servi
 
     maddr = identity()
     peer_id = PeerID.from_identity((swarm_dir / "dht.key").read_bytes())
-    assert maddr.endswith(f"/p2p/{peer_id}") and maddr.startswith(f"/ip4/{LOOPBACK}/tcp/")
+    assert maddr.endswith(f"/p2p/{peer_id}")
+    assert maddr.startswith(f"/ip4/{swarm_address('dht', services['dht'])}/tcp/"), "the dht's own address, not loopback"
     assert identity() == maddr, "the DHT's peer id must stay the same across runs"
 
     bin_dir = tmp_path / "bin"
@@ -476,7 +649,7 @@ def test_swarm_identity_and_entrypoint_work(tmp_path: Path, compose: dict, servi
     assert "/swarm/initial-peers" in wrapper[2]
     wrapper[2] = wrapper[2].replace("/swarm/", f"{swarm_dir}/")
     base_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    for preset, expected in (("", maddr), ("/ip4/127.0.0.1/tcp/1/p2p/QmOverride", "/ip4/127.0.0.1/tcp/1/p2p/QmOverride")):
+    for preset, expected in (("", maddr), ("/ip4/172.28.77.99/tcp/1/p2p/QmOverride", "/ip4/172.28.77.99/tcp/1/p2p/QmOverride")):
         out = subprocess.run([*wrapper, "node", "--blocks", "0:2"], env={**base_env, "FARMESH_INITIAL_PEERS": preset},
                              check=True, capture_output=True, text=True, timeout=30).stdout.strip()
         assert out == f"peers={expected} args=node --blocks 0:2"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import copy
 import datetime as dt
+import ipaddress
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,19 +45,21 @@ COMPOSE_PATH = ROOT / "compose.yaml"
 METRIC_SOURCES = ("farmesh", "consumers", "producers", "schemas", "db")
 
 # The kustomizations one applies: the base (through deploy/k8s) and each overlay.
-BUILDS = {"cpu": K8S, "gpu": K8S / "overlays" / "gpu"}
+BUILDS = {"cpu": K8S, "gpu": K8S / "overlays" / "gpu", "tiny": K8S / "overlays" / "tiny"}
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches"}
 # Containers of the farmesh image that do not run `farmesh`, and why.
 HELPER_CONTAINERS = {
-    "swarm-identity": "writes the DHT identity and its multiaddr; `farmesh` has no command for that yet",
+    "dht-identity": "checks that the DHT's key and the peer id the other swarm pods read match",
 }
+# The DHT's identity: the Secret, its private key (the DHT pod only) and its public peer id (every swarm pod).
+DHT_SECRET, DHT_KEY, DHT_PEER_ID = "farmesh-dht-identity", "dht.key", "peer-id"
+# A container's own pod IP, from the downward API (a placeholder value in container_env).
+POD_IP_FIELD = "status.podIP"
 CONFIGMAP, SECRET = "farmesh-config", "farmesh-database"
-LOOPBACK = "127.0.0.1"
 ANY_ADDRESS = "0.0.0.0"
 # Settings are FARMESH_<FIELD>; the log level is the CLI group's own option.
 LOG_LEVEL_ENV = "FARMESH_LOG_LEVEL"
 WRAPPER_END = re.compile(r'exec farmesh "\$@"(?P<rest>[^\n]*)\s*$')
-EXEC_PORT_PROBE = re.compile(r"socket\.create_connection\(\('(?P<host>[^']+)', (?P<port>\d+)\)")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -199,7 +203,8 @@ def container_env(container: dict, docs: list[dict]) -> dict[str, str]:
             env.update({k: str(v) for k, v in secret.get("stringData", {}).items()})
             env.update({k: "<secret>" for k in secret.get("data", {})})
     for item in container.get("env", []):
-        env[item["name"]] = str(item.get("value", ""))
+        field = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[item["name"]] = f"<{field}>" if field else str(item.get("value", ""))
     return env
 
 
@@ -314,6 +319,17 @@ def port_number(container: dict, port: int | str) -> int:
     named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
     assert port in named, f"{container['name']}: no container port named {port!r}"
     return named[port]
+
+
+def cli_envvars(command: click.Command) -> set[str]:
+    """The FARMESH_* names the CLI's options read (FARMESH_SWARM_NETWORKS, FARMESH_SWARM_HOST, ...)."""
+    names: set[str] = set()
+    for param in command.params:
+        envvar = param.envvar
+        names.update(n for n in ([envvar] if isinstance(envvar, str) else envvar or []) if n.startswith("FARMESH_"))
+    for sub in getattr(command, "commands", {}).values():
+        names |= cli_envvars(sub)
+    return names
 
 
 def consumer_commands(cli: click.Group) -> dict[str, str]:
@@ -454,6 +470,7 @@ def test_resources_hang_together(builds: dict[str, list[dict]]) -> None:
             if spec is None:
                 continue
             volumes = {v["name"] for v in spec.get("volumes", [])}
+            volumes |= {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
             for container, _ in containers_of(spec):
                 for mount in container.get("volumeMounts", []):
                     assert mount["name"] in volumes, f"{container['name']}: volume {mount['name']} is not declared"
@@ -468,7 +485,8 @@ def test_every_container_runs_a_real_farmesh_command(runs: dict[str, list[Run]])
         helpers = {r.container["name"] for r in build_runs if r.path is None}
         assert helpers <= set(HELPER_CONTAINERS), name
         paths = {r.path for r in build_runs if r.path is not None}
-        assert paths >= {("db", "migrate"), ("model", "tiny"), ("dht",), ("node",), ("worker",), ("gateway",),
+        model = ("model", "tiny") if name == "tiny" else ("model", "smollm2")
+        assert paths >= {("db", "migrate"), model, ("dht",), ("node",), ("worker",), ("gateway",),
                          ("ledger",), ("payments",), ("registry",), ("payments", "close")}, f"{name}: {sorted(paths)}"
 
 
@@ -498,7 +516,7 @@ def test_kubelet_references_are_defined_or_escaped(builds: dict[str, list[dict]]
 def test_environment_names_are_settings(builds: dict[str, list[dict]], farmesh_cli: click.Group) -> None:
     log_level = next(p for p in farmesh_cli.params if p.name == "log_level")
     assert log_level.envvar == LOG_LEVEL_ENV
-    allowed = {f"FARMESH_{field.upper()}" for field in Settings.model_fields} | {LOG_LEVEL_ENV}
+    allowed = {f"FARMESH_{field.upper()}" for field in Settings.model_fields} | cli_envvars(farmesh_cli)
     referenced: set[str] = set()
     for path in yaml_files():
         for doc in load_docs(path):
@@ -532,7 +550,7 @@ def test_config_covers_compose_and_is_valid_settings(builds: dict[str, list[dict
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.database_url and settings.database_url.startswith("postgresql://")
-    assert settings.initial_peers == []  # the swarm pod's wrapper fills it in from the DHT's multiaddr file
+    assert settings.initial_peers == []  # each swarm pod's wrapper builds it from the Service `dht` and its peer id
     assert settings.topic_partitions >= 1
     assert settings.data_dir == Path("/data")
     assert isinstance(logging.getLevelName(values[LOG_LEVEL_ENV].upper()), int)
@@ -573,7 +591,9 @@ def test_probes_and_scrape_annotations_point_at_served_ports(builds: dict[str, l
             long_running = run.doc["kind"] in ("Deployment", "StatefulSet") and (not run.init or is_sidecar(container, run.init))
             address = listen_address(run.command, run.values) if run.command is not None else None
             declared = {p["containerPort"] for p in container.get("ports", [])}
-            if address is None:
+            if run.path in (("dht",), ("node",)):  # the swarm port, on the pod IP
+                assert declared == {int(run.values["port"])}, f"{container['name']} listens on {run.values['port']}"
+            elif address is None:
                 assert not declared, f"{container['name']} declares ports but serves none"
             else:
                 host, port = address
@@ -589,13 +609,11 @@ def test_probes_and_scrape_annotations_point_at_served_ports(builds: dict[str, l
                     assert port_number(container, probe["httpGet"]["port"]) == address[1], f"{container['name']}: {kind}"
                     assert probe["httpGet"]["path"] in ("/health", "/metrics/"), f"{container['name']}: {kind}"
                 else:
-                    script = " ".join(probe["exec"]["command"])
-                    match = EXEC_PORT_PROBE.search(script)
-                    assert match, f"{container['name']}: {kind} checks no port"
-                    assert run.path in (("dht",), ("node",)), f"{container['name']}: exec probe on a non-swarm process"
-                    assert match["host"] == LOOPBACK and int(match["port"]) == int(run.values["port"]), (
-                        f"{container['name']}: {kind} checks {match['host']}:{match['port']}, it listens on "
-                        f"{run.values.get('host') or LOOPBACK}:{run.values['port']}")
+                    # The swarm listens on the pod IP, where the kubelet's tcpSocket probe connects.
+                    assert "tcpSocket" in probe, f"{container['name']}: {kind} is neither httpGet nor tcpSocket"
+                    assert run.path in (("dht",), ("node",)), f"{container['name']}: tcpSocket probe on a non-swarm process"
+                    assert port_number(container, probe["tcpSocket"]["port"]) == int(run.values["port"]), (
+                        f"{container['name']}: {kind} checks another port than {run.values['port']}")
             if long_running:
                 assert "livenessProbe" in container, f"{container['name']} has no liveness probe"
                 if address is not None:
@@ -603,7 +621,7 @@ def test_probes_and_scrape_annotations_point_at_served_ports(builds: dict[str, l
             if long_running and run.path is not None and run.path == (run.path[0],) and run.path[0] in consumers:
                 for kind in ("readinessProbe", "livenessProbe"):
                     assert container[kind]["httpGet"]["path"] == "/health", f"{container['name']}: {kind}"
-        # Distinct ports inside each pod (dht and nodes on loopback, HTTP servers on the pod IP).
+        # Distinct ports inside each pod.
         for doc in docs:
             spec = pod_spec(doc)
             if spec is None:
@@ -659,60 +677,173 @@ def test_each_consumer_group_has_a_deployment(builds: dict[str, list[dict]], run
                 assert topic in text, f"{doc['metadata']['name']}: name the topic {topic} it scales with"
 
 
-def test_swarm_shares_one_pod(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
-    """farmesh confines libp2p to loopback: whatever speaks it must share one pod's network namespace."""
-    from farmesh.swarm.petals_compat import is_loopback_maddr
-    from farmesh.dev.tiny_model import tiny_config
+def libp2p_runs(build_runs: list[Run]) -> list[Run]:
+    """Every long-running container that speaks libp2p: the DHT, the nodes and the swarm's clients."""
+    return [r for r in build_runs if r.path in (("dht",), ("node",))
+            or (r.command is not None and "initial_peers" in {p.name for p in r.command.params})]
 
-    layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
+
+def swarm_listen_arg(run: Run) -> str | None:
+    """The raw (unexpanded) value of the flag that says where the process's libp2p daemon listens: --host, or the
+    gateway's --swarm-host (its --host is the HTTP server)."""
+    flag = "--swarm-host" if run.path == ("gateway",) else "--host"
+    args = list(run.container.get("args") or [])
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def replicas_of(doc: dict) -> int:
+    return doc["spec"].get("replicas", 1)
+
+
+def test_swarm_members_are_pods_of_their_own(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
+    """The DHT, every node, the worker and the gateway are workloads of their own (their own network namespace),
+    each listening and announcing on its own pod IP, never loopback or a wildcard."""
     for name, build_runs in runs.items():
-        p2p = [r for r in build_runs if r.path in (("dht",), ("node",))
-               or (r.command is not None and "initial_peers" in {p.name for p in r.command.params})]
-        assert {r.path for r in p2p} >= {("dht",), ("node",), ("worker",), ("gateway",)}
-        pods = {id(r.spec) for r in p2p}
-        assert len(pods) == 1, f"{name}: dht, nodes, worker and gateway must be containers of one pod"
-        swarm = p2p[0].doc
-        assert swarm["kind"] == "Deployment"
-        spec = pod_spec(swarm)
-        assert not spec.get("hostNetwork"), "the swarm's loopback must be the pod's own"
-        by_name = {r.container["name"]: r for r in build_runs if r.spec is spec}
-        # The DHT: a native sidecar after the identity writer, on the port and key the identity script announces.
-        dht = next(r for r in p2p if r.path == ("dht",))
-        assert is_sidecar(dht.container, dht.init) and "startupProbe" in dht.container
-        init_names = [c["name"] for c in spec["initContainers"]]
-        assert init_names.index("swarm-identity") < init_names.index(dht.container["name"])
-        assert not is_sidecar(by_name["model"].container, True)
-        script = by_name["swarm-identity"].container["args"][0]
-        key_path, port = re.search(r'key, port = "([^"]+)", (\d+)', script).groups()
-        assert dht.values["identity_path"] == key_path and int(dht.values["port"]) == int(port)
-        assert dht.values.get("host") in (None, LOOPBACK)
-        assert is_loopback_maddr(f"/ip4/{LOOPBACK}/tcp/{port}")
-        assert re.search(r'"/swarm/initial-peers"', script)
-        # Start and stop order: dht, then the nodes as sidecars after it (they outlive the clients on shutdown),
-        # then the clients (worker, gateway) as the pod's main containers.
+        p2p = libp2p_runs(build_runs)
+        assert {r.path for r in p2p} >= {("dht",), ("node",), ("worker",), ("gateway",)}, name
+        workloads = [r.doc["metadata"]["name"] for r in p2p]
+        assert len(workloads) == len(set(workloads)), f"{name}: swarm processes share a pod: {workloads}"
         for run in p2p:
-            if run.path == ("node",):
-                assert is_sidecar(run.container, run.init) and "startupProbe" in run.container, run.container["name"]
-                assert init_names.index(run.container["name"]) > init_names.index(dht.container["name"])
-                assert init_names.index(run.container["name"]) > init_names.index("model"), "the model comes first"
-            elif run is not dht:
-                assert not run.init, f"{run.container['name']} must be a main container (after the swarm's sidecars)"
-        # Everything else that dials the DHT starts through the wrapper that reads the multiaddr file.
+            workload = run.doc["metadata"]["name"]
+            assert not run.spec.get("hostNetwork"), f"{workload}: the pod's own network namespace, not the host's"
+            assert not run.init, f"{workload}: {run.container['name']} is the pod's main container"
+            assert [c["name"] for c in run.spec["containers"]] == [run.container["name"]], (
+                f"{workload}: one swarm process per pod")
+            expected_kind = {("dht",): "Deployment", ("node",): "StatefulSet"}.get(run.path, "Deployment")
+            assert run.doc["kind"] == expected_kind, f"{workload} is a {run.doc['kind']}"
+            host = swarm_listen_arg(run)
+            assert host == "$(POD_IP)", f"{workload} must listen on its pod IP (--host $(POD_IP)), not {host}"
+            pod_ip = {e["name"]: e for e in run.container.get("env", [])}.get("POD_IP", {})
+            assert pod_ip.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == POD_IP_FIELD, (
+                f"{workload}: POD_IP must come from the downward API ({POD_IP_FIELD})")
+            assert run.values.get("announce_host") in (None, host), f"{workload} announces another address"
+        dht = next(r for r in p2p if r.path == ("dht",))
+        assert replicas_of(dht.doc) == 1 and dht.doc["spec"]["strategy"]["type"] == "Recreate", (
+            "one DHT process per identity")
+
+
+def test_swarm_networks_are_the_clusters_own(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
+    """FARMESH_SWARM_NETWORKS is a configurable value of the ConfigMap, valid by farmesh's own rules (CIDRs, never
+    every address), not loopback only (pods have their own loopback), and no swarm process gets another value."""
+    from farmesh.swarm import petals_compat
+
+    for name, build_runs in runs.items():
+        value = config_values(builds[name])["FARMESH_SWARM_NETWORKS"]
+        networks = petals_compat.parse_networks(value)
+        assert not all(n.subnet_of(ipaddress.ip_network("127.0.0.0/8")) for n in networks
+                       if n.version == 4), f"{name}: FARMESH_SWARM_NETWORKS is loopback only"
+        # The documented placeholder covers kind/kubeadm's defaults: a pod IP and the DHT Service's ClusterIP.
+        for example in ("10.244.1.7", "10.96.120.3"):
+            assert petals_compat.check_host(example, "example", networks) == example
+        for wildcard in ("0.0.0.0", "::"):
+            with pytest.raises(petals_compat.AddressNotAllowedError):
+                petals_compat.check_host(wildcard, "wildcard", networks)
+        for run in libp2p_runs(build_runs):
+            assert run.env["FARMESH_SWARM_NETWORKS"] == value, run.container["name"]
+            assert "--swarm-networks" not in (run.container.get("args") or []), run.container["name"]
+            hosts = ([run.values.get("swarm_host")] if run.path == ("gateway",)  # its --host is the HTTP server's
+                     else [run.values.get("host"), run.values.get("announce_host")])
+            for host in hosts:
+                if host is not None and host != f"<{POD_IP_FIELD}>":
+                    petals_compat.check_host(host, run.container["name"], networks)
+
+
+def test_swarm_pods_join_through_the_dht_service(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
+    """The DHT has a Service (its stable ClusterIP); every other swarm pod's wrapper resolves that Service and builds
+    the multiaddr with the DHT's port and the peer id it mounts from the DHT's Secret (never the private key)."""
+    for name, build_runs in runs.items():
+        docs = builds[name]
+        p2p = libp2p_runs(build_runs)
+        dht = next(r for r in p2p if r.path == ("dht",))
+        port = int(dht.values["port"])
+        services = [d for d in docs if d["kind"] == "Service" and d["spec"]["selector"].items()
+                    <= dht.doc["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(services) == 1, f"{name}: the DHT needs one Service"
+        service = services[0]
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP" and service["spec"].get("clusterIP") != "None"
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["port"] == port and port_number(dht.container, service_port["targetPort"]) == port
+        # The DHT's key comes from the Secret; the helper checks it against the published peer id first.
+        mounts = {m["mountPath"]: m for m in dht.container["volumeMounts"]}
+        key_dir = str(Path(dht.values["identity_path"]).parent)
+        volumes = {v["name"]: v for v in dht.spec["volumes"]}
+        key_volume = volumes[mounts[key_dir]["name"]]
+        assert key_volume["secret"]["secretName"] == DHT_SECRET and Path(dht.values["identity_path"]).name == DHT_KEY
+        helper = next(c for c in dht.spec["initContainers"] if c["name"] == "dht-identity")
+        assert f"{key_dir}/" in helper["args"][0] and DHT_PEER_ID in helper["args"][0]
         for run in p2p:
             if run is dht:
                 continue
-            assert run.container["command"][:2] == ["sh", "-c"] and "/swarm/initial-peers" in run.container["command"][2]
-            mounts = {m["mountPath"]: m for m in run.container["volumeMounts"]}
-            assert mounts["/swarm"].get("readOnly") is True and mounts["/swarm"]["name"] == dht.container["volumeMounts"][0]["name"]
-        # Model: nodes serve the directory the clients load (FARMESH_MODEL); in the base, the tiny model init writes it.
-        model_dir = config_values(builds[name])["FARMESH_MODEL"]
-        nodes = [r for r in p2p if r.path == ("node",)]
+            workload = run.doc["metadata"]["name"]
+            wrapper = run.container["command"]
+            assert wrapper[:2] == ["sh", "-c"], f"{workload} must build FARMESH_INITIAL_PEERS from the DHT's Service"
+            script = wrapper[2]
+            assert f'gethostbyname("{service["metadata"]["name"]}")' in script, f"{workload}: resolves no DHT Service"
+            assert f"/tcp/{port}/p2p/" in script, f"{workload}: dials another port than the DHT's {port}"
+            volumes = {v["name"]: v for v in run.spec["volumes"]}
+            secret_mounts = [(m, volumes[m["name"]]["secret"]) for m in run.container["volumeMounts"]
+                             if "secret" in volumes.get(m["name"], {})]
+            assert len(secret_mounts) == 1, workload
+            mount, secret = secret_mounts[0]
+            assert secret["secretName"] == DHT_SECRET and mount.get("readOnly") is True
+            assert [item["key"] for item in secret["items"]] == [DHT_PEER_ID], (
+                f"{workload} must mount only the DHT's peer id, never its key")
+            assert f'{mount["mountPath"]}/{secret["items"][0]["path"]}' in script
+
+
+def test_nodes_send_heartbeats_to_the_gateway_service(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
+    for name, build_runs in runs.items():
+        docs = builds[name]
+        gateway = next(r for r in build_runs if r.path == ("gateway",))
+        gateway_port = listen_address(gateway.command, gateway.values)[1]
+        services = [d for d in docs if d["kind"] == "Service" and d["spec"]["selector"].items()
+                    <= gateway.doc["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(services) == 1
+        service = services[0]
+        service_port = next(p for p in service["spec"]["ports"] if port_number(gateway.container, p["targetPort"]) == gateway_port)
+        for run in build_runs:
+            if run.path != ("node",):
+                continue
+            workload = run.doc["metadata"]["name"]
+            assert run.values.get("heartbeat_url") == f"http://{service['metadata']['name']}:{service_port['port']}", (
+                f"{workload}: heartbeats go to the gateway Service's ingress")
+            assert run.env.get("FARMESH_WALLET"), f"{workload}: without a wallet a node sends no heartbeats"
+            assert not any("secretRef" in r for r in run.container.get("envFrom", [])), f"{workload}: no database secret"
+            claims = {t["metadata"]["name"] for t in run.doc["spec"].get("volumeClaimTemplates", [])}
+            data_dir = run.env["FARMESH_DATA_DIR"]
+            mounts = {m["mountPath"]: m["name"] for m in run.container["volumeMounts"]}
+            assert mounts.get(data_dir) in claims, f"{workload}: the node's identity must survive rescheduling"
+            assert run.doc["spec"]["serviceName"] in {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+
+
+def test_swarm_serves_the_configured_model(builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
+    """SmolLM2-135M-Instruct by default (farmesh/models/smollm2.py: MODEL_ID, BLOCKS); the tiny overlay the tiny
+    model. Every swarm pod but the DHT imports the model the ConfigMap names; the nodes that run split its blocks."""
+    from farmesh.dev.tiny_model import tiny_config
+    from farmesh.models import smollm2
+    from farmesh.swarm.petals_compat import DEFAULT_DHT_PREFIX
+
+    tiny_layers = tiny_config(SimpleNamespace(bos_token_id=1, eos_token_id=2)).num_hidden_layers
+    for name, build_runs in runs.items():
+        kind, model_dir, prefix, layers = (
+            ("tiny", "/models/tiny", DEFAULT_DHT_PREFIX, tiny_layers) if name == "tiny"
+            else ("smollm2", f"/models/{smollm2.MODEL_ID}", smollm2.MODEL_ID, smollm2.BLOCKS))
+        config = config_values(builds[name])
+        assert (config["FARMESH_MODEL"], config["FARMESH_DHT_PREFIX"]) == (model_dir, prefix), name
+        p2p = libp2p_runs(build_runs)
+        for run in p2p:
+            workload = run.doc["metadata"]["name"]
+            if run.path == ("dht",):
+                continue
+            models = [r for r in build_runs if r.spec is run.spec and r.path is not None and r.path[0] == "model"]
+            assert len(models) == 1 and models[0].init, f"{workload}: one `model` init container"
+            assert models[0].path == ("model", kind) and models[0].values.get("out", models[0].values.get("directory")) == model_dir
+            assert not is_sidecar(models[0].container, True)
+            for run_ in (run, models[0]):
+                assert any(model_dir.startswith(m["mountPath"] + "/") for m in run_.container["volumeMounts"]), workload
+        nodes = [r for r in p2p if r.path == ("node",) and replicas_of(r.doc) > 0]
         for run in nodes:
-            assert run.values["model_dir"] == model_dir, run.container["name"]
-        for run in p2p + [by_name["model"]]:
-            if run.path != ("dht",):
-                assert any(model_dir.startswith(m["mountPath"] + "/") for m in run.container["volumeMounts"]), run.container["name"]
-        assert by_name["model"].path == ("model", "tiny") and by_name["model"].values["directory"] == model_dir
+            assert run.values["model_dir"] == model_dir, run.doc["metadata"]["name"]
         spans = sorted(tuple(int(b) for b in r.values["blocks"].split(":")) for r in nodes)
         assert spans[0][0] == 0 and spans[-1][1] == layers, f"{name}: nodes serve {spans} of {layers} blocks"
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), f"{name}: gaps or overlaps in {spans}"
@@ -720,48 +851,75 @@ def test_swarm_shares_one_pod(builds: dict[str, list[dict]], runs: dict[str, lis
         if name == "gpu":
             assert gpu and all(r.container["resources"]["limits"].get("nvidia.com/gpu") == 1 for r in gpu)
             assert all(r.values["torch_dtype"] == "float16" for r in gpu)
-            assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+            assert all(any(t.get("key") == "nvidia.com/gpu" for t in r.spec.get("tolerations", [])) for r in gpu)
+            assert spans == [(0, layers)]
         else:
             assert not gpu and all("nvidia.com/gpu" not in str(r.container.get("resources")) for r in build_runs)
+            assert spans == ([(0, layers // 2), (layers // 2, layers)]), f"{name}: two CPU nodes split the blocks"
 
 
-def test_swarm_identity_and_wrappers_work(tmp_path: Path, builds: dict[str, list[dict]], runs: dict[str, list[Run]]) -> None:
-    """Run the identity script and every shell wrapper for real (a stub `farmesh`, a temporary /swarm)."""
-    from hivemind.p2p import PeerID
+def test_dht_identity_helper_and_wrappers_work(tmp_path: Path, runs: dict[str, list[Run]]) -> None:
+    """Run the DHT's identity check and every swarm wrapper for real (a stub `farmesh`, a temporary Secret mount;
+    the DHT Service's name resolved as 127.0.0.1)."""
+    from hivemind.p2p import P2P, PeerID
 
-    swarm_dir = tmp_path / "swarm"
-    swarm_dir.mkdir()
-    identity_script = next(r for r in runs["cpu"] if r.container["name"] == "swarm-identity").container["args"][0]
-    script = identity_script.replace("/swarm/", f"{swarm_dir}/")
-
-    def identity() -> str:
-        exec(compile(script, "swarm-identity", "exec"), {"__name__": "__main__"})  # noqa: S102 -- what `python -c` runs
-        return (swarm_dir / "initial-peers").read_text().strip()
-
-    maddr = identity()
-    assert maddr == f"/ip4/{LOOPBACK}/tcp/31330/p2p/{PeerID.from_identity((swarm_dir / 'dht.key').read_bytes())}"
-    assert identity() == maddr, "the DHT's peer id must stay the same while the pod lives"
+    secret = tmp_path / "dht-identity"
+    secret.mkdir()
+    P2P.generate_identity(str(secret / DHT_KEY))
+    peer_id = str(PeerID.from_identity((secret / DHT_KEY).read_bytes()))
+    (secret / DHT_PEER_ID).write_text(peer_id)
+    helper = next(r for r in runs["cpu"] if r.container["name"] == "dht-identity").container["args"][0]
+    helper = helper.replace("/etc/farmesh/dht-identity/", f"{secret}/")
+    ok = subprocess.run([sys.executable, "-c", helper], capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0 and peer_id in ok.stdout, ok.stderr
+    (secret / DHT_PEER_ID).write_text("QmSomeoneElse")
+    wrong = subprocess.run([sys.executable, "-c", helper], capture_output=True, text=True, timeout=60, check=False)
+    assert wrong.returncode != 0 and "QmSomeoneElse" in wrong.stderr, "a peer id that is not the key's must stop the DHT"
+    (secret / DHT_PEER_ID).write_text(peer_id + "\n")
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stub = bin_dir / "farmesh"
-    stub.write_text('#!/bin/sh\necho "peers=$FARMESH_INITIAL_PEERS args=$*"\n')
-    stub.chmod(0o755)
+    (bin_dir / "farmesh").write_text('#!/bin/sh\necho "peers=$FARMESH_INITIAL_PEERS args=$*"\n')
+    (bin_dir / "farmesh").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
     base_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    wrappers = {r.container["command"][2] for rs in runs.values() for r in rs
-                if r.container.get("command", [])[:2] == ["sh", "-c"] and "/swarm/initial-peers" in r.container["command"][2]}
+    wrappers = {r.container["command"][2] for rs in runs.values() for r in libp2p_runs(rs) if r.path != ("dht",)}
     assert wrappers
     for wrapper in wrappers:
-        argv = ["sh", "-c", kubelet_expand(wrapper, {}).replace("/swarm/", f"{swarm_dir}/"), "farmesh"]
-        for preset, expected in (("", maddr), ("/ip4/127.0.0.1/tcp/1/p2p/QmOverride", "/ip4/127.0.0.1/tcp/1/p2p/QmOverride")):
+        script = kubelet_expand(wrapper, {}).replace("/etc/farmesh/dht-identity/", f"{secret}/")
+        script = script.replace('gethostbyname("dht")', 'gethostbyname("127.0.0.1")')
+        argv = ["sh", "-c", script, "farmesh"]
+        for preset, expected in (("", f"/ip4/127.0.0.1/tcp/31330/p2p/{peer_id}"),
+                                 ("/ip4/10.1.2.3/tcp/1/p2p/QmOverride", "/ip4/10.1.2.3/tcp/1/p2p/QmOverride")):
             out = subprocess.run([*argv, "node", "--blocks", "0:2"], env={**base_env, "FARMESH_INITIAL_PEERS": preset},
-                                 check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+                                 check=True, capture_output=True, text=True, timeout=60).stdout.strip()
             assert out == f"peers={expected} args=node --blocks 0:2"
-    (swarm_dir / "initial-peers").unlink()
+    (secret / DHT_PEER_ID).unlink()
     for wrapper in wrappers:
-        argv = ["sh", "-c", kubelet_expand(wrapper, {}).replace("/swarm/", f"{swarm_dir}/"), "farmesh"]
-        failed = subprocess.run([*argv, "node"], env=base_env, capture_output=True, text=True, timeout=30, check=False)
-        assert failed.returncode != 0, "a missing multiaddr file must stop the container, not start it without peers"
+        script = kubelet_expand(wrapper, {}).replace("/etc/farmesh/dht-identity/", f"{secret}/")
+        failed = subprocess.run(["sh", "-c", script, "farmesh", "node"], env=base_env, capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert failed.returncode != 0, "without the DHT's peer id a swarm pod must stop, not start without peers"
+
+
+def test_model_init_containers_skip_a_written_model(tmp_path: Path, runs: dict[str, list[Run]]) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "farmesh").write_text('#!/bin/sh\necho "ran $*"\n')
+    (bin_dir / "farmesh").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    scripts = {r.container["command"][2] for rs in runs.values() for r in rs if r.path and r.path[0] == "model"}
+    assert scripts
+    for script in scripts:
+        out = tmp_path / "model"
+        argv = ["sh", "-c", kubelet_expand(script, {}), "farmesh", "model", "smollm2", str(out)]
+        first = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        assert first == f"ran model smollm2 {out}"
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")
+        again = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        assert not again.startswith("ran"), again
+        (out / "config.json").unlink()
 
 
 @pytest.mark.skipif(shutil.which("date") is None, reason="no date(1)")
