@@ -1,13 +1,13 @@
 """CPU of an idle mesh (every service up, no traffic), in % of one core, on noida-db or Apache Kafka.
 
-Starts the whole local mesh like `farmesh up --broker B` (farmesh.dev.local_mesh.LocalMesh: the broker, DHT, two
-Petals nodes on the tiny model, ledger, payments, registry, inference worker, gateway; all on 127.0.0.1; the
+Starts the whole local mesh like `farmesh up --broker B --model tiny` (farmesh.dev.local_mesh.LocalMesh: the
+broker, DHT, two Petals nodes on the tiny model, ledger, payments, registry, inference worker, gateway; all on 127.0.0.1; the
 database a scratch one on FARMESH_BENCH_DATABASE_URL's server, not counted), lets it settle, then reads the CPU time
 (/proc/<pid>/stat utime + stime) of every process this benchmark started, the broker and their helpers included,
 over `--seconds`. Printed per service and in all. On noida-db each idle consumer on the first token's path polls
 every FARMESH_LATENCY_FETCH_WAIT_MS (3 ms); on Apache Kafka fetches long-poll (100 ms waits the broker holds).
 
-    python -m bench.idle_mesh [--broker noida|kafka] [--seconds 30] [--settle 10]
+    python -m bench.idle_mesh [--broker noida|kafka] [--seconds 30] [--settle 10] [--model tiny]
 
 ratio = the mesh's CPU seconds per second of wall time (1.0 = one core busy; baseline: one core);
 target <= 0.5. The services' share alone (the mesh's own processes: broker, ledger, payments, registry, worker,
@@ -63,7 +63,7 @@ def group_of(pid: int) -> int:
         return -1
 
 
-def main(broker: str, seconds: float, settle: float) -> int:
+def main(broker: str, seconds: float, settle: float, model: str = "tiny") -> int:
     import asyncio
 
     from farmesh.dev.local_mesh import LocalMesh
@@ -74,7 +74,7 @@ def main(broker: str, seconds: float, settle: float) -> int:
     url = loop.run_until_complete(database.__aenter__())
     try:
         with tempfile.TemporaryDirectory(prefix="farmesh-bench-idle-") as tmp:
-            settings = Settings(database_url=url, data_dir=Path(tmp), broker=broker)
+            settings = Settings(database_url=url, data_dir=Path(tmp), broker=broker, model=model)
             with LocalMesh(settings, Path(tmp), gateway_port=0, nodes=2) as mesh:
                 names = {c.pid: c.name for c in mesh.children}  # process group leaders
                 time.sleep(settle)
@@ -90,7 +90,7 @@ def main(broker: str, seconds: float, settle: float) -> int:
         used = (ticks - before.get(pid, 0)) / TICKS / wall
         name = names.get(groups[pid], "broker" if groups[pid] == pid and pid not in names else "other")
         per[name.split("-")[0] if name.startswith("node") else name] += used
-    say(f"broker={broker} idle for {wall:.1f} s after {settle:g} s settling; CPU in % of one core:")
+    say(f"broker={broker} model={model} idle for {wall:.1f} s after {settle:g} s settling; CPU in % of one core:")
     for name, used in sorted(per.items(), key=lambda kv: -kv[1]):
         say(f"  {name:10} {used * 100:6.1f} %")
     total = sum(per.values())
@@ -105,11 +105,12 @@ if __name__ == "__main__":
     parser.add_argument("--broker", choices=("noida", "kafka"), default="noida", help="the mesh's broker")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long CPU time is counted")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after the mesh is ready, not counted")
+    parser.add_argument("--model", default="tiny", help="the model the nodes serve: tiny (default), smollm2 or a directory")
     args = parser.parse_args()
     from farmesh.dev.local_mesh import stop_on_signals
 
     with stop_on_signals():  # SIGTERM/SIGINT unwind through LocalMesh, which stops every child by pid
-        code = main(args.broker, args.seconds, args.settle)
+        code = main(args.broker, args.seconds, args.settle, args.model)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # Petals/hivemind leave non-daemon threads behind (as in bench.gateway_vs_direct)

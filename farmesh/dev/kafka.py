@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from farmesh.dev.processes import signal_group, terminate_group
 from farmesh.runtime.errors import Refused
 from farmesh.runtime.net import HOST, free_port
 
@@ -307,33 +308,14 @@ class KafkaNode:
 
     def kill(self) -> None:
         """SIGKILL the JVM (a crashed machine) and reap it."""
-        if self.process is None:
-            return
-        self._signal(signal.SIGKILL)
-        self.process.wait(30)
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
+            self.process.wait(30)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (a controlled shutdown), SIGKILL after `timeout`; reaps the process."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("kafka pid %s ignored SIGTERM for %.0f s; killing it", self.pid, timeout)
-                self._signal(signal.SIGKILL)
-                self.process.wait(30)
-        self.process.wait()
-
-    def _signal(self, sig: int) -> None:
-        assert self.process is not None
-        try:
-            os.killpg(self.process.pid, sig)  # its own process group: pgid == pid
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            self.process.send_signal(sig)
+        if self.process is not None:
+            terminate_group(self.process, timeout, f"kafka node {self.node_id}")
 
     def __enter__(self) -> KafkaNode:
         return self
@@ -398,7 +380,8 @@ class KafkaCluster:
         left after `timeout`; reaps them all."""
         live = [n for n in self.nodes if n.running()]
         for n in live:
-            n._signal(signal.SIGTERM)
+            assert n.process is not None
+            signal_group(n.process, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for n in live:
             try:

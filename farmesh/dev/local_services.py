@@ -27,7 +27,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
 
-from farmesh.dev.processes import pid_alive, wait_pid_gone
+from farmesh.dev.processes import pid_alive, terminate_group, wait_pid_gone
 from farmesh.runtime.net import HOST, free_port
 
 log = logging.getLogger(__name__)
@@ -126,24 +126,7 @@ class LocalBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (noida-db saves its data), then SIGKILL after `timeout`; reaps the process."""
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("broker pid %s ignored SIGTERM for %.0fs; killing it", self.pid, timeout)
-                self._signal(signal.SIGKILL)
-                self.process.wait(5)
-        else:
-            self.process.wait()
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)  # its own process group: pgid == pid
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            self.process.send_signal(sig)
+        terminate_group(self.process, timeout, "broker")
 
     def __enter__(self) -> LocalBroker:
         return self

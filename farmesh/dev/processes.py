@@ -6,6 +6,7 @@ are removed afterwards (members that die without cleaning up leave them behind).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+
+log = logging.getLogger(__name__)
 
 _SOCKET_PATH = re.compile(r"^/tmp/hivemind-[^/]+\.sock$")
 
@@ -163,6 +166,29 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the process group `process` leads (started with start_new_session: its pgid is its pid)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        process.send_signal(sig)
+
+
+def terminate_group(process: subprocess.Popen, timeout: float, name: str) -> None:
+    """SIGTERM the group `process` leads, SIGKILL it after `timeout` s; reaps the leader."""
+    if process.poll() is None:
+        signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s pid %s ignored SIGTERM for %.0f s; killing it", name, process.pid, timeout)
+            signal_group(process, signal.SIGKILL)
+            process.wait(30)
+    process.wait()
 
 
 def pid_alive(pid: int) -> bool:

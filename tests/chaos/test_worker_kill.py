@@ -20,6 +20,7 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from consumers.inference.consumer import SESSION_TIMEOUT_MS
 from farmesh.billing import accounts
 
 from farmesh.kafka import messaging
@@ -41,7 +42,7 @@ from tests.support.chaos import (
     start_service,
     until,
 )
-from tests.support.kafka import read_all
+from tests.support.kafka import on_kafka, read_all
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
@@ -106,6 +107,9 @@ async def test_killed_worker_request_is_redelivered_and_charged_once(swarm, tmp_
                 assert not any(isinstance(e, StreamEnded) for e in first_run), "killed too late: it had finished"
                 print(f"\nkilled the worker (SIGKILL) after {len(first_run)} streamed tokens")
                 await dead_member_leaves(drill.broker.bootstrap, topics.GROUP_INFERENCE, victim)
+                if on_kafka():
+                    print("no LeaveGroup sent: Apache Kafka expires the dead worker's members after the group's "
+                          f"session timeout ({SESSION_TIMEOUT_MS / 1000:g} s)")
                 await read_until(lambda: isinstance(events[-1], StreamEnded), 90)
                 second_run = events[len(first_run):-1]
                 restarted = next(i for i, e in enumerate(second_run) if e.index == 0)
