@@ -9,7 +9,7 @@ outcome's event id:
     credit platform account  fee
 
 and the request's reservation is closed (settled; released when the session failed: only delivered tokens
-are charged). A redelivered or replayed event records and posts nothing.
+are charged), its key's rate counter corrected from max_tokens to the tokens delivered (migration 009). A redelivered or replayed event records and posts nothing.
 
 `PostgresLedger` is the adapter of the handler's port (consumers/ledger/ports.py `LedgerStore`): `settle` judges a
 batch with the acceptance rule (farmesh/billing/acceptance.py: the money adds up, and the outcome matches the
@@ -119,6 +119,17 @@ WITH s AS (
     FROM posted p
     -- ANY(ARRAY(...)): the reservations are found by their primary key, never by a scan of the table
     WHERE r.request_id = ANY(ARRAY(SELECT request_id FROM posted)) AND r.request_id = p.request_id
+), k AS (
+    -- rate counters: a limited key's minute counted max_tokens when the request was admitted; now that it is
+    -- settled it counts the tokens delivered. Once per reservation: only a newly posted settlement of a reservation
+    -- still open corrects (a released one gave its tokens back when it was released).
+    UPDATE far_rate_counters rc SET tokens = GREATEST(0, rc.tokens - d.unused)
+    FROM (SELECT fr.key_id, fr.rate_window,
+                 sum(fr.max_tokens - LEAST(fr.max_tokens, GREATEST(COALESCE(p.completion_tokens, 0), 0))) AS unused
+          FROM posted p JOIN far_reservations fr ON fr.request_id = p.request_id
+          WHERE fr.rate_window IS NOT NULL AND fr.status = 'open'
+          GROUP BY fr.key_id, fr.rate_window) d
+    WHERE rc.key_id = d.key_id AND rc.window_start = d.rate_window
 )
 SELECT ARRAY(SELECT event_id FROM s) AS inserted, ARRAY(SELECT txn_id FROM t) AS posted,
        (SELECT count(*) FROM c) AS contributions

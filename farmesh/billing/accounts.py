@@ -13,6 +13,7 @@ What a client may still spend is its balance minus its open reservations.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -28,12 +29,16 @@ import asyncpg
 from farmesh.runtime.errors import Refused
 from schemas import money
 
+from farmesh.billing import limits as limit_rule
 from farmesh.billing import pricing
+from farmesh.billing.limits import Limits
+
 PLATFORM_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000001")
 DEPOSITS_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000002")
 PAYOUTS_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-000000000003")
 
 _NODE_NAMESPACE = uuid.UUID("5f1f4a8e-6c0b-4f7e-9a53-2f8e0d3c7b11")
+_CREDIT_NAMESPACE = uuid.UUID("0b9f2a51-7c4e-4d8a-9e1f-6a3c5d7e9b20")
 KEY_PREFIX = "fmk_"
 PREFIX_LENGTH = 12  # "fmk_" + 8 characters of the key: enough to tell keys apart, useless to an attacker
 
@@ -110,12 +115,26 @@ class DuplicateRequest(AccountError):
     account (mesh_request_id), so its id is another request."""
 
 
+class RateLimited(AccountError):
+    """The key is over one of its limits (HTTP 429 with Retry-After): nothing was reserved."""
+
+    def __init__(self, exceeded: limit_rule.Exceeded) -> None:
+        super().__init__(exceeded.message)
+        self.limit = exceeded.limit
+        self.retry_after = exceeded.retry_after
+
+
+class CreditConflict(AccountError):
+    """A credit id already used for another account or amount (HTTP 409): nothing is posted."""
+
+
 @dataclass(frozen=True)
 class Client:
     account_id: uuid.UUID
     name: str
     key_id: uuid.UUID
     prefix: str
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True)
@@ -206,8 +225,10 @@ async def _issue_key(conn: asyncpg.Connection, account_id: uuid.UUID, name: str)
     raise AccountError("could not draw a unique API key")
 
 
-async def create_client(conn: asyncpg.Connection, name: str, credit: int = 0) -> IssuedKey:
-    """A new client account named `name` with one API key and an optional opening credit."""
+async def create_client(conn: asyncpg.Connection, name: str, credit: int = 0, limits: Limits | None = None,
+                        *, credit_id: str | None = None) -> IssuedKey:
+    """A new client account named `name` with one API key (with `limits`) and an optional opening credit
+    (recorded under `credit_id` when given, like every credit of the admin API)."""
     async with conn.transaction():
         account_id = uuid.uuid4()
         try:
@@ -216,9 +237,71 @@ async def create_client(conn: asyncpg.Connection, name: str, credit: int = 0) ->
         except asyncpg.UniqueViolationError as exc:
             raise AccountError(f"a client account named {name!r} already exists") from exc
         issued = await _issue_key(conn, account_id, name)
-        if credit:
+        if limits is not None and limits.any:
+            await set_limits(conn, issued.prefix, limits)
+        if credit and credit_id is not None:
+            await credit_once(conn, account_id, credit, credit_id, "opening credit")
+        elif credit:
             await deposit(conn, account_id, credit, description="opening credit")
     return issued
+
+
+def _limit_args(limits: Limits) -> tuple[Any, ...]:
+    budget = None if limits.monthly_budget is None else money.to_far(limits.monthly_budget)
+    return limits.requests_per_minute, limits.tokens_per_minute, budget
+
+
+def limits_of(row: Any) -> Limits:
+    """The limits of a far_api_keys row (its requests_per_minute, tokens_per_minute, monthly_budget)."""
+    budget = row["monthly_budget"]
+    return Limits(row["requests_per_minute"], row["tokens_per_minute"], None if budget is None else units(budget))
+
+
+async def set_limits(conn: asyncpg.Connection | asyncpg.Pool, prefix: str, limits: Limits) -> bool:
+    """Replace the limits of the key `prefix` (None: no such key). Returns whether the key exists."""
+    problems = limits.problems()
+    if problems:
+        raise AccountError("; ".join(f"{f}: {m}" for f, m in problems))
+    status = await conn.execute(
+        "UPDATE far_api_keys SET requests_per_minute = $2, tokens_per_minute = $3, monthly_budget = $4 "
+        "WHERE prefix = $1", prefix, *_limit_args(limits))
+    return status.endswith(" 1")
+
+
+async def credit_once(conn: asyncpg.Connection, account_id: uuid.UUID, amount: int, credit_id: str,
+                      description: str = "credit") -> tuple[uuid.UUID, bool]:
+    """Credit a client account once per `credit_id` (the caller's): (the posting, whether it was posted now).
+
+    The posting's id is derived from credit_id, so two concurrent credits of one id post once (the second waits on
+    the first's transaction row, then finds it). The same id for another account or amount: CreditConflict.
+    """
+    txn_id = uuid.uuid5(_CREDIT_NAMESPACE, f"credit:{credit_id}")
+
+    async def existing() -> tuple[uuid.UUID, bool] | None:
+        row = await conn.fetchrow("SELECT account_id, amount FROM far_credits WHERE credit_id = $1", credit_id)
+        if row is None:
+            return None
+        if row["account_id"] != account_id or units(row["amount"]) != amount:
+            raise CreditConflict(f"credit id {credit_id!r} was already used for "
+                                 f"{money.text(row['amount'])} FAR to account {row['account_id']}; use a new id")
+        return txn_id, False
+
+    async with conn.transaction():
+        if (found := await existing()) is not None:
+            return found
+        before = await conn.fetchval("SELECT 1 FROM far_ledger_transactions WHERE txn_id = $1", txn_id)
+        if before is None:
+            await deposit(conn, account_id, amount, txn_id=txn_id, description=description)
+            inserted = await conn.fetchval(
+                "INSERT INTO far_credits (credit_id, account_id, amount, txn_id, description) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (credit_id) DO NOTHING RETURNING 1",
+                credit_id, account_id, money.to_far(amount), txn_id, description)
+            if inserted:
+                return txn_id, True
+        found = await existing()  # another transaction posted this id meanwhile
+        if found is None:
+            raise CreditConflict(f"credit id {credit_id!r} is being posted; retry")
+        return found
 
 
 async def ensure_demo_key(conn: asyncpg.Connection, name: str = "demo", credit: int = 10 * money.SCALE) -> IssuedKey:
@@ -279,7 +362,8 @@ async def list_clients(conn: asyncpg.Connection | asyncpg.Pool) -> list[dict[str
 # --------------------------------------------------------------------------------------------- gateway side
 
 _KEY = """
-SELECT k.key_id, k.prefix, k.revoked_at, a.account_id, a.name
+SELECT k.key_id, k.prefix, k.revoked_at, a.account_id, a.name, k.requests_per_minute, k.tokens_per_minute,
+       k.monthly_budget
 FROM far_api_keys k JOIN far_accounts a USING (account_id)
 WHERE k.key_hash = $1 AND a.kind = 'client'
 """
@@ -294,7 +378,7 @@ async def authenticate(conn: asyncpg.Connection | asyncpg.Pool, authorization: s
         raise Unauthorized("unknown API key")
     if row["revoked_at"] is not None:
         raise Unauthorized(f"API key {row['prefix']}... was revoked")
-    return Client(row["account_id"], row["name"], row["key_id"], row["prefix"])
+    return Client(row["account_id"], row["name"], row["key_id"], row["prefix"], limits_of(row))
 
 
 @dataclass(frozen=True)
@@ -341,6 +425,32 @@ class Reservation:
     deadline: datetime | None = None  # a request not started by then is never run; after it, not pending
     max_pending: int | None = None  # per model, over every gateway (None: unbounded)
     retry_after: int = 1
+    limits: Limits | None = None  # the key's, as authenticate read them: when any, reserve checks and counts them
+
+
+# A limited key's usage, read after far_reserve took the account's row lock (so every gateway's admissions of this
+# account are serialised here): the key's current limits, its counters of this minute, its spend this month (the
+# reservation just made, $2, left out: the rule adds it).
+_USAGE = """
+SELECT now() AS now, k.requests_per_minute, k.tokens_per_minute, k.monthly_budget,
+       COALESCE(c.requests, 0) AS requests, COALESCE(c.tokens, 0) AS tokens,
+       (SELECT COALESCE(sum(CASE WHEN r.status = 'open' THEN r.amount ELSE COALESCE(r.charged, 0) END), 0)
+          FROM far_reservations r
+         WHERE r.key_id = $1 AND r.created_at >= date_trunc('month', now(), 'UTC') AND r.request_id <> $2) AS spent
+FROM far_api_keys k
+LEFT JOIN far_rate_counters c ON c.key_id = k.key_id AND c.window_start = date_trunc('minute', now(), 'UTC')
+WHERE k.key_id = $1
+"""
+# Count an admitted request in its minute, and note the minute on its reservation (the ledger corrects that row).
+_COUNT = """
+WITH c AS (
+    INSERT INTO far_rate_counters (key_id, window_start, requests, tokens)
+    VALUES ($1, date_trunc('minute', now(), 'UTC'), 1, $3)
+    ON CONFLICT (key_id, window_start) DO UPDATE
+    SET requests = far_rate_counters.requests + 1, tokens = far_rate_counters.tokens + EXCLUDED.tokens
+)
+UPDATE far_reservations SET rate_window = date_trunc('minute', now(), 'UTC') WHERE request_id = $2
+"""
 
 
 async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reservation) -> tuple[Client, int]:
@@ -358,10 +468,28 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
     if key is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer KEY`")
     amount = pricing.reservation_amount(request.max_tokens, money.to_base_units(request.price))
-    row = await pool.fetchrow(
-        "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        hash_key(key), request.request_id, request.model, request.max_tokens, request.price, request.fee_rate,
-        money.to_far(amount), request.request_hash, request.deadline, request.max_pending)
+    args = (hash_key(key), request.request_id, request.model, request.max_tokens, request.price, request.fee_rate,
+            money.to_far(amount), request.request_hash, request.deadline, request.max_pending)
+    if request.limits is None or not request.limits.any:
+        return _reserved(await pool.fetchrow(_RESERVE, *args), request, amount), amount
+    # A limited key: the reservation, the check and the count in one transaction (refused: all rolled back).
+    async with pool.acquire() as conn, conn.transaction():
+        client = _reserved(await conn.fetchrow(_RESERVE, *args), request, amount)
+        usage = await conn.fetchrow(_USAGE, client.key_id, request.request_id)
+        current = limits_of(usage)
+        exceeded = limit_rule.check(current, limit_rule.Usage(usage["now"], usage["requests"], usage["tokens"],
+                                                              units(usage["spent"])), request.max_tokens, amount)
+        if exceeded is not None:
+            raise RateLimited(exceeded)
+        await conn.execute(_COUNT, client.key_id, request.request_id, request.max_tokens)
+    return dataclasses.replace(client, limits=current), amount
+
+
+_RESERVE = "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+
+
+def _reserved(row: asyncpg.Record, request: Reservation, amount: int) -> Client:
+    """The client far_reserve reserved for, or its refusal raised."""
     outcome = row["outcome"]
     if outcome == "unknown_key":
         raise Unauthorized("unknown API key")
@@ -382,15 +510,19 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
         raise InsufficientFunds(amount, units(row["available"]))
     if outcome != "reserved":
         raise RuntimeError(f"far_reserve answered {outcome!r}")
-    return Client(row["account_id"], row["name"], row["key_id"], row["prefix"]), amount
+    return Client(row["account_id"], row["name"], row["key_id"], row["prefix"], request.limits or Limits())
 
 
 async def release(conn: asyncpg.Connection | asyncpg.Pool, request_id: str, reason: str) -> bool:
-    """Release a reservation that will not be settled (the request could not be queued)."""
-    status = await conn.execute(
-        "UPDATE far_reservations SET status = 'released', closed_at = now(), reason = $2 "
-        "WHERE request_id = $1 AND status = 'open'", request_id, reason)
-    return status.endswith(" 1")
+    """Release a reservation that will not be settled (the request could not be queued, or an operator gave it
+    up); the tokens it counted against its key's minute are given back (its request still counts)."""
+    released = await conn.fetchval(
+        """WITH r AS (UPDATE far_reservations SET status = 'released', closed_at = now(), reason = $2
+                      WHERE request_id = $1 AND status = 'open' RETURNING key_id, rate_window, max_tokens),
+                k AS (UPDATE far_rate_counters c SET tokens = GREATEST(0, c.tokens - r.max_tokens) FROM r
+                      WHERE c.key_id = r.key_id AND c.window_start = r.rate_window)
+           SELECT count(*) FROM r""", request_id, reason)
+    return released == 1
 
 
 async def reservation_status(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> str | None:

@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from farmesh.runtime.errors import SettingError
@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     # Gateway: the largest request body it reads (bytes); a larger one is refused with 413 as it arrives. 2 MiB
     # holds any valid request: 100,000 prompt characters, even each written as a \u escape pair (12 bytes).
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # Gateway: the operator's token for /api/admin/ (sent as `Authorization: Bearer`, compared in constant time);
+    # unset, the admin API is off (404). At least 16 characters: it guards every account.
+    admin_token: SecretStr | None = Field(default=None, min_length=16, max_length=512)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _admin_token_unset_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("initial_peers", mode="before")
     @classmethod

@@ -6,6 +6,8 @@ GET  /api/sessions/{id}       the recorded session and its contributions (from t
                               (both: producers.gateway.native_api)
 POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI-compatible (producers.gateway.openai_api)
 GET  /api/nodes, /api/nodes/{peer_id}, /api/swarm, /status   discovery (producers.gateway.discovery)
+GET  /api/account, /api/usage, /api/account/sessions, /account   the key's own account (producers.gateway.account_api)
+     /api/admin/...           the operator's API, with FARMESH_ADMIN_TOKEN (producers.gateway.admin_api)
 POST /api/nodes/heartbeats    a provider's signed heartbeat, published unchanged to the heartbeat topic
                               (producers.gateway.heartbeat_ingress: the only thing providers may send)
 GET  /health                  200 only when broker, database and a full swarm route are reachable
@@ -36,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farmesh.kafka import messaging
 from farmesh.runtime.settings import Settings
-from producers.gateway import discovery, errors, heartbeat_ingress, native_api, openai_api
+from producers.gateway import account_api, admin_api, discovery, errors, heartbeat_ingress, native_api, openai_api
 from producers.gateway.discovery import LiveCoverage
 from producers.gateway.guard import BodyLimit
 from producers.gateway.ports import KafkaPublisher, PostgresAccounts
@@ -103,6 +105,11 @@ def create_app(settings: Settings, route_check: RouteCheck, stream_timeout: floa
     app.include_router(discovery.router(pool, settings.model_name, live_coverage))
     app.include_router(openai_api.router(submitter, route_check))
     app.include_router(native_api.router(submitter, database, database))
+    # The client's own account (/api/account, /api/usage, the /account page) and the operator's API (/api/admin/,
+    # off without FARMESH_ADMIN_TOKEN).
+    app.include_router(account_api.router(pool, metrics.unauthorized.inc))
+    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    app.include_router(admin_api.router(pool, token))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,7 +7,8 @@
    tokenizing run on a small thread pool of their own, never on the event loop: other requests go on meanwhile,
    and a burst of big prompts cannot take the default executor the swarm checks run on.
 2. Reserve max_tokens x price on the caller's account (the Accounts port; farmesh.billing.accounts.reserve in
-   production): 401 / 402, 429 when the model already has max_pending_requests pending over all gateways, and
+   production): 401 / 402, 429 when the model already has max_pending_requests pending over all gateways or the
+   key is over one of its limits (requests or tokens per minute, monthly budget: farmesh.billing.limits), and
    idempotency: the same account repeating a request id (or Idempotency-Key) with the same parameters gets that
    request's stream (if this gateway still streams it) or its recorded result; with other parameters, 422.
    Request ids are private to an account: the client's id is scoped by its account (mesh_request_id), and that
@@ -40,8 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field, ValidationError
 
 from farmesh.billing.accounts import (AccountError, AlreadyRequested, DuplicateRequest, Existing,
-                                     InsufficientFunds, ParametersDiffer, QueueFull, Reservation, Unauthorized,
-                                     mesh_request_id)
+                                     InsufficientFunds, ParametersDiffer, QueueFull, RateLimited, Reservation,
+                                     Unauthorized, mesh_request_id)
 from farmesh.runtime.settings import Settings
 from producers.gateway.errors import excerpt
 from producers.gateway.guard import MAX_PROMPT_CHARS
@@ -135,7 +136,7 @@ class Metrics:
         self.payment_required = Counter("farmesh_gateway_payment_required_total",
                                         "Requests refused with 402 (balance below max_tokens x price)", registry=registry)
         self.rate_limited = Counter("farmesh_gateway_rate_limited_total",
-                                    "Requests refused with 429 (the model's pending requests at their bound)",
+                                    "Requests refused with 429 (the model's pending requests at their bound, or the key's limits)",
                                     registry=registry)
 
 
@@ -144,6 +145,7 @@ _ACCOUNT_ERRORS: list[tuple[type[AccountError], int, str, str]] = [
     (Unauthorized, 401, "invalid_api_key", "unauthorized"),
     (InsufficientFunds, 402, "insufficient_quota", "insufficient_funds"),
     (QueueFull, 429, "rate_limit_exceeded", "rate_limited"),
+    (RateLimited, 429, "rate_limit_exceeded", "rate_limited"),  # the key's own limits (farmesh.billing.limits)
     (ParametersDiffer, 422, "idempotency_key_reused", "parameters_differ"),
     (DuplicateRequest, 409, "request_id_conflict", "request_id_conflict"),  # a session with no reservation
 ]
@@ -162,6 +164,9 @@ def refusal(exc: AccountError) -> Refused:
                          "available_far": money.text(money.to_far(exc.available))}
             elif isinstance(exc, QueueFull):
                 headers["Retry-After"] = str(exc.retry_after)
+            elif isinstance(exc, RateLimited):
+                headers["Retry-After"] = str(exc.retry_after)
+                extra = {"limit": exc.limit}
             param = "request_id" if status in (409, 422) else None
             return Refused(status, code, str(exc), param=param, headers=headers, extra=extra, native=outcome)
     return Refused(400, "refused", str(exc))
@@ -250,7 +255,8 @@ class Submitter:
         reservation = Reservation(
             mesh_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
             request_hash=ask.fingerprint(), deadline=deadline,
-            max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after)
+            max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after,
+            limits=client.limits)  # the key's limits: checked and counted with the reservation, over every gateway
         try:
             await self.accounts.reserve(authorization, reservation)  # checks the key again, in its transaction
         except AlreadyRequested as exc:
