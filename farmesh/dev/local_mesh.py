@@ -230,7 +230,9 @@ class LocalMesh:
             self.node_processes.append(node)
             self._say(f"node {node.peer_id} serves blocks {a}:{b}, wallet demo-wallet-{i} (pid {node.pid})")
         self._child("worker", cli + ["worker", "--metrics-port", str(local_services.free_port())], env, "worker ready", 120)
-        self._child("gateway", cli + ["gateway"], env, "gateway ready", 60)
+        # The admin API (/api/admin/) is on only with FARMESH_ADMIN_TOKEN, and only the gateway is told it.
+        admin = {"FARMESH_ADMIN_TOKEN": s.admin_token.get_secret_value()} if s.admin_token is not None else {}
+        self._child("gateway", cli + ["gateway"], {**env, **admin}, "gateway ready", 60)
         self.gateway_url = f"http://{_host()}:{self.gateway_port}"
         self._write_env_file(bootstrap)
         self._wait_healthy(timeout=90)
