@@ -21,6 +21,7 @@ from farmesh.runtime.settings import Settings
 from producers.gateway.app import create_app
 from schemas import money, topics
 from tests.integration.test_openai_api import EchoGenerator
+from tests.support import browser
 from tests.support.kafka import wait_caught_up
 from tests.support.money import audit_breaks, farmesh, money_env
 from tests.support.services import serve
@@ -296,3 +297,60 @@ async def test_the_audit_table_lists_every_admin_action(env, mesh):
     assert mine[-1]["target"] == created["prefix"] and mine[-1]["detail"]["credit_far"] == "1"
     rows = await env.pool.fetchval("SELECT count(*) FROM far_admin_audit WHERE forwarded_for = '203.0.113.7'")
     assert rows == 7  # and reading the audit is an action too
+
+
+@pytest.mark.skipif(not browser.available(), reason="needs a headless browser: apt-get install -y chromium")
+async def test_the_account_page_shows_the_spend_and_a_chart_in_a_browser(env, mesh, tmp_path):
+    async with httpx.AsyncClient(base_url=mesh[0], timeout=60) as http:
+        issued = await create_key(http, "page-user", "1")
+        for i in range(3):
+            assert (await generate(http, issued["key"], f"p{i}"))[0] == 200
+    await settled(env)
+
+    def look() -> dict:
+        b = browser.Browser()
+        try:
+            b.open(f"{mesh[0]}/account")
+            assert b.eval("document.getElementById('account').hidden") is True  # nothing shown without a key
+            b.eval("document.getElementById('key').focus()")
+            b.type(issued["key"])  # typed in, as a person would
+            b.eval("document.getElementById('show').click()")
+            b.wait("document.querySelectorAll('#usage-chart rect[data-spent]:not([data-spent=\"0\"])').length > 0")
+            b.wait("document.querySelectorAll('#sessions tr').length > 3")
+            facts = b.eval("""({
+                balance: document.querySelector('#balance b').textContent,
+                spent: document.querySelector('#spent b').textContent,
+                sessions: [...document.querySelectorAll('#sessions tr')].slice(1).map(r => r.children[0].textContent),
+                costs: [...document.querySelectorAll('#sessions tr')].slice(1).map(r => r.children[4].textContent),
+                day: document.querySelector('#usage-chart rect[data-spent]:not([data-spent="0"])').dataset.spent,
+                input: document.getElementById('key').value, href: location.href,
+                stored: localStorage.length + sessionStorage.length + document.cookie.length,
+                chart: (() => { const r = document.getElementById('usage-chart').getBoundingClientRect();
+                                return [r.left, r.top, r.width, r.height].map(Math.round); })(),
+                scale: window.devicePixelRatio})""")
+            facts["png"] = b.screenshot()
+            return facts
+        finally:
+            b.close()
+
+    facts = await asyncio.to_thread(look)
+    assert facts["balance"] == "0.9991" and facts["spent"] == "0.0009" and facts["day"] == "0.0009"
+    assert sorted(facts["sessions"]) == ["p0", "p1", "p2"] and set(facts["costs"]) == {"0.0003"}
+    assert facts["input"] == "" and issued["key"] not in facts["href"] and facts["stored"] == 0  # memory only
+    (tmp_path / "account.png").write_bytes(facts["png"])
+    width, height, rows = browser.png_pixels(facts["png"])
+    left, top, w, h = (int(v * facts["scale"]) for v in facts["chart"])
+    assert w > 200 and h > 100 and top + h <= height, (facts["chart"], width, height)
+
+    def near(px: bytes, rgb: tuple[int, int, int]) -> bool:
+        return all(abs(px[i] - rgb[i]) <= 12 for i in range(3))
+
+    spend = tokens = 0
+    for y in range(top, top + h):
+        row = rows[y]
+        for x in range(left, min(left + w, width)):
+            px = row[3 * x:3 * x + 3]
+            spend += near(px, (0x2F, 0x6F, 0xDB))
+            tokens += near(px, (0xE8, 0xA3, 0x3D))
+    # Today's bars are drawn: a full-height bar of each series is thousands of pixels in the chart's box.
+    assert spend > 500 and tokens > 500, (spend, tokens)
