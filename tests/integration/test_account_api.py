@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import re
 import uuid
 from decimal import Decimal
 
@@ -354,3 +355,29 @@ async def test_the_account_page_shows_the_spend_and_a_chart_in_a_browser(env, me
             tokens += near(px, (0xE8, 0xA3, 0x3D))
     # Today's bars are drawn: a full-height bar of each series is thousands of pixels in the chart's box.
     assert spend > 500 and tokens > 500, (spend, tokens)
+
+
+async def test_fuzzing_the_account_and_admin_apis_yields_no_5xx_and_responses_match_their_schemas(env, mesh, tmp_path):
+    from tests.integration.test_openapi_fuzz import schemathesis
+
+    async with httpx.AsyncClient(base_url=mesh[0], timeout=60) as http:
+        issued = await create_key(http, "fuzzed", "1", requests_per_minute=1000)
+        assert (await generate(http, issued["key"], "f1"))[0] == 200
+        document = (await http.get("/openapi.json")).json()
+    await settled(env)
+    paths = document["paths"]
+    assert {"/api/account", "/api/usage", "/api/account/sessions", "/api/admin/keys", "/api/admin/accounts",
+            "/api/admin/keys/{prefix}/revoke", "/api/admin/keys/{prefix}/limits",
+            "/api/admin/accounts/{account_id}/credits", "/api/admin/accounts/{account_id}/usage",
+            "/api/admin/audit"} <= set(paths)
+    assert paths["/api/admin/keys"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    for path, method in (("/api/admin/keys", "post"), ("/api/admin/accounts", "get"), ("/api/account", "get")):
+        assert {"401", "422"} <= set(paths[path][method]["responses"]), path
+    checks = "not_a_server_error,response_schema_conformance"
+    for regex, token, operations in (("^/api/(account|usage)", issued["key"], 3), ("^/api/admin/", TOKEN, 7)):
+        process = await schemathesis(mesh[0], token, tmp_path, "--include-path-regex", regex, "--checks", checks)
+        report = process.stdout + process.stderr
+        assert process.returncode == 0, report[-6000:]
+        tested = re.search(r"Tested: (\d+)", report)
+        assert tested and int(tested.group(1)) == operations, report[-3000:]
+    assert await audit_breaks(env.pool) == []
