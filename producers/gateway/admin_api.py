@@ -28,12 +28,12 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from db.views import usage as usage_view
 from farmesh.billing import accounts
 from farmesh.billing.accounts import AccountError, CreditConflict
-from farmesh.billing.limits import MAX_MONTHLY_BUDGET, Limits
+from farmesh.billing.limits import Limits
 from producers.gateway.account_api import (Far, GroupByQuery, Invalid, KeyOut, KeyPrefix, LimitsOut, Since, Until,
                                            UsageOut, balance_json, far, json_response, key_json, limits_json,
                                            refusals, usage_json, window)
@@ -44,21 +44,34 @@ _NO_NUL = r"^[^\x00]*$"
 MAX_CREDIT = 10**12  # FAR per credit: anything larger is a typo
 
 
-def _amount(value: str, field: str, *, allow_zero: bool) -> Decimal:
+def _amount(value: str, *, allow_zero: bool) -> Decimal:
+    """A FAR amount given as text, checked: exact (at most 18 decimals), not negative, not absurd."""
     try:
         amount = Decimal(value)
         units = money.to_base_units(amount)
     except (InvalidOperation, ArithmeticError, ValueError):
-        raise ValueError(f"{field} must be an exact FAR amount with at most 18 decimals") from None
+        raise ValueError("must be an exact FAR amount with at most 18 decimals") from None
     if units < 0 or (units == 0 and not allow_zero):
-        raise ValueError(f"{field} must be {'zero or ' if allow_zero else ''}positive")
+        raise ValueError(f"must be {'zero or ' if allow_zero else ''}positive")
     if amount > MAX_CREDIT:
-        raise ValueError(f"{field} must be at most {MAX_CREDIT} FAR")
+        raise ValueError(f"must be at most {MAX_CREDIT} FAR")
     return amount
+
+
+def _checked(allow_zero: bool) -> AfterValidator:
+    def check(value: str) -> str:
+        _amount(value, allow_zero=allow_zero)
+        return value
+
+    return AfterValidator(check)
 
 
 AmountText = Annotated[str, Field(pattern=r"^[0-9]{1,13}(\.[0-9]{1,18})?$", examples=["10", "0.5"],
                                   description="FAR as an exact decimal string (never a JSON number)")]
+ZeroOrMoreFar = Annotated[AmountText, _checked(allow_zero=True)]
+PositiveFar = Annotated[AmountText, _checked(allow_zero=False)]
+CreditId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
+                                description="the caller's id of a credit: a credit retried with it is posted once")]
 
 
 class LimitsIn(BaseModel):
@@ -66,16 +79,7 @@ class LimitsIn(BaseModel):
 
     requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000, description="null: no limit")
     tokens_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000, description="null: no limit")
-    monthly_budget_far: AmountText | None = Field(default=None, description="FAR per calendar month; null: none")
-
-    @field_validator("monthly_budget_far")
-    @classmethod
-    def _budget(cls, value: str | None) -> str | None:
-        if value is not None:
-            amount = _amount(value, "monthly_budget_far", allow_zero=False)
-            if money.to_base_units(amount) > MAX_MONTHLY_BUDGET:
-                raise ValueError("monthly_budget_far is absurdly large")
-        return value
+    monthly_budget_far: PositiveFar | None = Field(default=None, description="FAR per calendar month; null: none")
 
     def limits(self) -> Limits:
         budget = None if self.monthly_budget_far is None else money.to_base_units(Decimal(self.monthly_budget_far))
@@ -86,16 +90,9 @@ class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200, pattern=_NO_NUL, description="the client account's name (unique)")
-    credit_far: AmountText = Field(default="0", description="opening credit")
-    credit_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
-                                  description="the opening credit's id (idempotency), default: derived from the name")
+    credit_far: ZeroOrMoreFar = Field(default="0", description="opening credit")
+    credit_id: CreditId | None = Field(default=None, description="the opening credit's id, default: from the name")
     limits: LimitsIn = Field(default_factory=LimitsIn)
-
-    @field_validator("credit_far")
-    @classmethod
-    def _credit(cls, value: str) -> str:
-        _amount(value, "credit_far", allow_zero=True)
-        return value
 
 
 class CreatedKey(BaseModel):
@@ -110,16 +107,9 @@ class CreatedKey(BaseModel):
 class Credit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    credit_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$",
-                           description="the caller's id: a credit retried with it is posted once")
-    amount_far: AmountText
+    credit_id: CreditId
+    amount_far: PositiveFar
     description: str = Field(default="credit via the admin API", max_length=200, pattern=_NO_NUL)
-
-    @field_validator("amount_far")
-    @classmethod
-    def _positive(cls, value: str) -> str:
-        _amount(value, "amount_far", allow_zero=False)
-        return value
 
 
 class Credited(BaseModel):
