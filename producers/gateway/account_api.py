@@ -29,8 +29,8 @@ from db.views import usage as usage_view
 from farmesh.billing import accounts
 from farmesh.billing.accounts import Unauthorized
 from farmesh.billing.limits import Limits
-from producers.gateway import discovery
 from producers.gateway.errors import AsciiJSONResponse, NativeError, native_body
+from producers.gateway.pages import Page
 from schemas import money
 
 FAR_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
@@ -264,18 +264,11 @@ def router(get_pool: Callable[[], asyncpg.Pool], on_unauthorized: Callable[[], N
 
     @api.get("/account", response_class=HTMLResponse, summary="The account page (type a key in)")
     async def page() -> HTMLResponse:
-        return HTMLResponse(ACCOUNT_PAGE, headers={"Content-Security-Policy": ACCOUNT_CSP, "Cache-Control": "no-store",
-                                                   "X-Content-Type-Options": "nosniff",
-                                                   "Referrer-Policy": "no-referrer"})
+        return ACCOUNT.response(no_store=True)
 
     return api
 
 
 # --------------------------------------------------------------------------------------------- /account
 
-_STYLE = discovery._static("account.css")
-_SCRIPT = discovery._static("account.js")
-ACCOUNT_PAGE = discovery._inline(discovery._static("account.html"), **{"account.css": _STYLE, "account.js": _SCRIPT})
-ACCOUNT_CSP = (f"default-src 'none'; script-src {discovery._csp_hash(_SCRIPT)}; "
-               f"style-src {discovery._csp_hash(_STYLE)}; connect-src 'self'; img-src 'self'; base-uri 'none'; "
-               "form-action 'none'; frame-ancestors 'none'")
+ACCOUNT = Page.load("account")

@@ -12,12 +12,9 @@ FAR amounts are exact decimal strings (schemas.money.text).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from importlib import resources
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -28,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from db.views import nodes as node_view
 from db.views.coverage import ModelHealth, model_health, swarm_health
 from producers.gateway.errors import NativeError
+from producers.gateway.pages import Page
 from schemas import money
 
 log = logging.getLogger(__name__)
@@ -102,8 +100,7 @@ def router(get_pool: Callable[[], asyncpg.Pool], own_model: str, live_coverage: 
 
     @api.get("/status", response_class=HTMLResponse, summary="Swarm status page")
     async def status_page() -> HTMLResponse:
-        return HTMLResponse(STATUS_PAGE, headers={"Content-Security-Policy": STATUS_CSP,
-                                                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+        return STATUS.response()
 
     return api
 
@@ -119,34 +116,6 @@ async def _live_view(live_coverage: LiveCoverage, timeout: float) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------------- /status
-#
-# The page, its style and its script are files in producers/gateway/static/, read once here. The style and the
-# script are inlined into the page (one request, no asset routes) and the CSP admits exactly those two texts by
-# their sha256: an injected script or style would not run. The script builds everything with
-# textContent/createElement, because wallets, versions and device names come from providers.
 
-def _static(name: str) -> str:
-    return resources.files("producers.gateway").joinpath("static", name).read_text(encoding="utf-8")
-
-
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
-
-
-def _inline(template: str, **parts: str) -> str:
-    """The template with each {{name}} replaced by its text (each placeholder must be there exactly once)."""
-    for name, text in parts.items():
-        placeholder = "{{" + name + "}}"
-        if template.count(placeholder) != 1:
-            raise ValueError(f"the status page must contain {placeholder} exactly once")
-        template = template.replace(placeholder, text)
-    return template
-
-
-_STYLE = _static("status.css")
-_SCRIPT = _static("status.js")
-STATUS_PAGE = _inline(_static("status.html"), **{"status.css": _STYLE, "status.js": _SCRIPT})
-
-# Only this page's own inline script and style run; data comes from this origin only.
-STATUS_CSP = (f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
-              "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+STATUS = Page.load("status")
+STATUS_PAGE, STATUS_CSP = STATUS.html, STATUS.csp

@@ -8,7 +8,6 @@ reachable). Providers reach the core only through the swarm and the gateway's he
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import uuid
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from schemas import money
-from tests.support.multi_host import DHT_PREFIX, NODE_TIMEOUT, multi_host_mesh, start_nodes, wallet_of
+from tests.support.multi_host import NODE_TIMEOUT, multi_host_mesh, start_nodes, wallet_of
 from tests.support.reference import greedy_ids
 from tests.support.sse import iter_events
 

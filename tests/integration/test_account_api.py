@@ -7,7 +7,6 @@ import contextlib
 import datetime as dt
 import re
 import uuid
-from decimal import Decimal
 
 import httpx
 import pytest
@@ -241,7 +240,7 @@ async def test_bad_input_is_refused_naming_the_field_and_writes_nothing(env, mes
         for method, path, body, field in cases:
             r = await http.request(method, path, headers=ADMIN, json=body)
             assert r.status_code == 422 and field in r.json()["detail"], (path, body, r.text)
-        for method, path in (("POST", f"/api/admin/keys/fmk_AAAAAAAA/revoke"),
+        for method, path in (("POST", "/api/admin/keys/fmk_AAAAAAAA/revoke"),
                              ("GET", f"/api/admin/accounts/{uuid.uuid4()}/usage")):
             assert (await http.request(method, path, headers=ADMIN)).status_code == 404
         assert (await http.post(f"/api/admin/accounts/{uuid.uuid4()}/credits", headers=ADMIN,
