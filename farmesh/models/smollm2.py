@@ -19,7 +19,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BLOCKS = 30
 # The model card's recommended sampling (HuggingFaceTB/SmolLM2-135M-Instruct), written into the directory's
 # generation_config.json: the OpenAI-compatible API's defaults for a request that sets none (farmesh.models.defaults).
-RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def packaged_gguf() -> Path:
