@@ -125,23 +125,33 @@ class LocalModel:
         return Run(times[0] - t0, len(times), times[-1] - times[0])
 
 
-def node_memory(mesh, model_dir: Path) -> None:  # noqa: ANN001 - farmesh.dev.local_mesh.LocalMesh
-    """Each node's RSS (its process tree: the Petals server and its p2p daemon) per block it serves, against the
-    float32 weights of one block (read from the checkpoint)."""
+def _tree_rss(pid: int) -> int:
     import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def node_memory(mesh, model_dir: Path) -> None:  # noqa: ANN001 - farmesh.dev.local_mesh.LocalMesh
+    """Each node's RSS (its process tree: the Petals server and its p2p daemon), whole and per block served. A
+    node's RSS is mostly fixed cost (torch, hivemind, the attention cache): the DHT peer, the same runtime with no
+    blocks, is the baseline, and (node - DHT) / blocks is what one more block costs; beside it, the float32
+    weights of one block (read from the checkpoint)."""
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         layer0 = [k for k in weights.keys() if k.startswith("model.layers.0.")]
         block_bytes = sum(_numel(weights.get_slice(k).get_shape()) for k in layer0) * 4
+    dht = next(c for c in mesh.children if "maddr" in c.info and c not in mesh.node_processes)
+    base = _tree_rss(dht.pid)
+    say(f"DHT peer (the runtime without blocks): RSS {base / 2**20:.0f} MiB")
     for node in mesh.node_processes:
-        root = psutil.Process(node.pid)
-        rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        rss = _tree_rss(node.pid)
         start, end = (int(b) for b in node.info["blocks"].split(":"))
-        per_block = rss / (end - start)
-        say(f"node {node.peer_id[:12]}... blocks {start}:{end}: RSS {rss / 2**20:.0f} MiB, "
-            f"{per_block / 2**20:.1f} MiB per block served (float32 weights of one block: "
-            f"{block_bytes / 2**20:.1f} MiB; rss_per_block_ratio={ratio(per_block, block_bytes):.2f})")
+        per_block = (rss - base) / (end - start)
+        say(f"node {node.peer_id[:12]}... blocks {start}:{end}: RSS {rss / 2**20:.0f} MiB = DHT + "
+            f"{(rss - base) / 2**20:.0f} MiB, {per_block / 2**20:.1f} MiB per block served (float32 weights of "
+            f"one block: {block_bytes / 2**20:.1f} MiB; rss_per_block_ratio={ratio(per_block, block_bytes):.2f})")
 
 
 def _numel(shape: list[int]) -> int:
