@@ -23,7 +23,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from db.views import usage as usage_view
 from farmesh.billing import accounts
@@ -45,6 +45,19 @@ def far(value: Decimal | int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- shapes
+# Each response shape carries an example (OpenAPI), taken from a `farmesh up` run.
+
+_LIMITS_EXAMPLE = {"requests_per_minute": 2, "tokens_per_minute": None, "monthly_budget_far": None}
+KEY_EXAMPLE = {"prefix": "fmk_HwiqoYgY", "created_at": "2026-12-04T19:34:29.377320+00:00", "revoked_at": None,
+                   "limits": _LIMITS_EXAMPLE, "usage": {"requests_this_minute": 2, "tokens_this_minute": 10,
+                                                       "spent_this_month_far": "0.001"}}
+_BALANCE_EXAMPLE = {"account_id": "5f47d792-6066-4d88-92c2-6bb63491b409", "name": "acme", "balance_far": "9.999",
+                    "reserved_far": "0", "available_far": "9.999"}
+USAGE_EXAMPLE = {"account_id": "5f47d792-6066-4d88-92c2-6bb63491b409", "group_by": "model",
+                 "since": "2026-11-04T19:34:32+00:00", "until": "2026-12-04T19:34:32+00:00",
+                 "rows": [{"group": "smollm2-135m-instruct", "sessions": 2, "prompt_tokens": 72,
+                           "completion_tokens": 10, "spent_far": "0.001"}],
+                 "total": {"sessions": 2, "prompt_tokens": 72, "completion_tokens": 10, "spent_far": "0.001"}}
 
 class LimitsOut(BaseModel):
     requests_per_minute: int | None = Field(description="null: no limit")
@@ -75,6 +88,10 @@ class CreditOut(BaseModel):
 
 
 class AccountOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        **_BALANCE_EXAMPLE, "key": KEY_EXAMPLE, "limits": _LIMITS_EXAMPLE,
+        "credits": [{"txn_id": "12172002-8bf2-5321-8956-32baf0386831", "credit_id": "opening:acme",
+                     "amount_far": "10", "at": "2026-12-04T19:34:29.381946+00:00", "description": "opening credit"}]}]})
     account_id: UUID
     name: str
     balance_far: Far
@@ -101,6 +118,7 @@ class UsageTotal(BaseModel):
 
 
 class UsageOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [USAGE_EXAMPLE]})
     account_id: UUID
     group_by: Literal["day", "model", "key"]
     since: datetime
@@ -121,6 +139,10 @@ class SessionOut(BaseModel):
 
 
 class SessionsOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"sessions": [
+        {"request_id": "test-001", "model": "smollm2-135m-instruct", "status": "completed", "prompt_tokens": 36,
+         "completion_tokens": 29, "cost_far": "0.0029", "finished_at": "2026-12-04T18:51:57.412000+00:00",
+         "key": "fmk_DceayK0G"}]}]})
     sessions: list[SessionOut]
 
 

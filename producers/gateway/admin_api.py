@@ -34,9 +34,9 @@ from db.views import usage as usage_view
 from farmesh.billing import accounts
 from farmesh.billing.accounts import AccountError, CreditConflict
 from farmesh.billing.limits import Limits
-from producers.gateway.account_api import (Far, GroupByQuery, Invalid, KeyOut, KeyPrefix, LimitsOut, Since, Until,
-                                           UsageOut, balance_json, far, json_response, key_json, limits_json,
-                                           refusals, usage_json, window)
+from producers.gateway.account_api import (KEY_EXAMPLE, Far, GroupByQuery, Invalid, KeyOut, KeyPrefix, LimitsOut,
+                                           Since, Until, UsageOut, balance_json, far, json_response, key_json,
+                                           limits_json, refusals, usage_json, window)
 from producers.gateway.guard import JSONRoute
 from schemas import money
 
@@ -96,6 +96,10 @@ class CreateKey(BaseModel):
 
 
 class CreatedKey(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "key": "fmk_HwiqoYgYLLRotecMm-xt1SPEnO9nTYJv-Bcmj5aJuZw", "prefix": "fmk_HwiqoYgY",
+        "account_id": "5f47d792-6066-4d88-92c2-6bb63491b409", "name": "acme", "credit_far": "10",
+        "limits": KEY_EXAMPLE["limits"]}]})
     key: str = Field(description="the API key: shown once, only its hash is kept")
     prefix: str
     account_id: UUID
@@ -113,6 +117,10 @@ class Credit(BaseModel):
 
 
 class Credited(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "credit_id": "invoice-2026-12-001", "txn_id": "3b0c1d9e-5a41-5f53-9b7e-2f0a6c1e8d44",
+        "account_id": "5f47d792-6066-4d88-92c2-6bb63491b409", "amount_far": "25", "posted": True,
+        "balance_far": "34.999"}]})
     credit_id: str
     txn_id: UUID
     account_id: UUID
@@ -131,15 +139,21 @@ class AccountEntry(BaseModel):
 
 
 class AccountsOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"accounts": [{
+        "account_id": "5f47d792-6066-4d88-92c2-6bb63491b409", "name": "acme", "balance_far": "9.999",
+        "reserved_far": "0", "available_far": "9.999", "keys": [KEY_EXAMPLE]}]}]})
     accounts: list[AccountEntry]
 
 
 class Revoked(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prefix": "fmk_HwiqoYgY", "revoked": True}]})
     prefix: str
     revoked: bool = Field(description="false: it was revoked already")
 
 
 class LimitsSet(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prefix": "fmk_HwiqoYgY", "limits": {
+        "requests_per_minute": 60, "tokens_per_minute": 20000, "monthly_budget_far": "50"}}]})
     prefix: str
     limits: LimitsOut
 
@@ -156,6 +170,10 @@ class AuditEntry(BaseModel):
 
 
 class AuditOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"actions": [{
+        "id": 7, "at": "2026-12-04T19:34:29.380000+00:00", "action": "create_key", "target": "fmk_HwiqoYgY",
+        "detail": {"name": "acme", "credit_far": "10", "limits": {"requests_per_minute": 2}},
+        "remote_addr": "127.0.0.1", "forwarded_for": None, "user_agent": "curl/8.14.1"}]}]})
     actions: list[AuditEntry]
 
 
