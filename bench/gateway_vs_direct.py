@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import sys
@@ -141,7 +142,7 @@ def node_memory(mesh, model_dir: Path) -> None:  # noqa: ANN001 - farmesh.dev.lo
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         layer0 = [k for k in weights.keys() if k.startswith("model.layers.0.")]
-        block_bytes = sum(_numel(weights.get_slice(k).get_shape()) for k in layer0) * 4
+        block_bytes = sum(math.prod(weights.get_slice(k).get_shape()) for k in layer0) * 4
     dht = next(c for c in mesh.children if "maddr" in c.info and c not in mesh.node_processes)
     base = _tree_rss(dht.pid)
     say(f"DHT peer (the runtime without blocks): RSS {base / 2**20:.0f} MiB")
@@ -152,13 +153,6 @@ def node_memory(mesh, model_dir: Path) -> None:  # noqa: ANN001 - farmesh.dev.lo
         say(f"node {node.peer_id[:12]}... blocks {start}:{end}: RSS {rss / 2**20:.0f} MiB = DHT + "
             f"{(rss - base) / 2**20:.0f} MiB, {per_block / 2**20:.1f} MiB per block served (float32 weights of "
             f"one block: {block_bytes / 2**20:.1f} MiB; rss_per_block_ratio={ratio(per_block, block_bytes):.2f})")
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 def summary(name: str, runs: list[Run]) -> tuple[float, float]:

@@ -182,9 +182,7 @@ class LocalMesh:
         self.api_key = asyncio.run(_demo_key(self.database_url))
         self._say(f"demo client key {self.api_key[:12]}... (account `demo`, credit topped up to {DEMO_CREDIT} FAR)")
 
-        if (s.model or choice.SMOLLM2) == choice.SMOLLM2:
-            self._say("SmolLM2-135M-Instruct: importing it from its package the first time (~10 s, ~540 MB)")
-        served = choice.prepare(s)
+        served = choice.prepare(s, announce=self._say)
         model_dir, self.model_name = served.directory, served.name
         self.model_dir = model_dir
         self._say(f"{'wrote' if served.written else 'serving'} model {self.model_name} from {model_dir}")

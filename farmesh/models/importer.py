@@ -18,8 +18,9 @@ from farmesh.models.gguf_tokenizer import build_tokenizer
 from farmesh.runtime.errors import Refused
 
 
-def import_gguf(source: Path, out: Path, *, force: bool = False) -> Path:
-    """Convert `source` into the model directory `out`; refuses an existing non-empty `out` unless `force`."""
+def import_gguf(source: Path, out: Path, *, force: bool = False, generation: dict | None = None) -> Path:
+    """Convert `source` into the model directory `out`; refuses an existing non-empty `out` unless `force`.
+    `generation`: sampling defaults for generation_config.json (a GGUF file carries none)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
 
@@ -57,7 +58,9 @@ def import_gguf(source: Path, out: Path, *, force: bool = False) -> Path:
         raise Refused(f"{out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     try:
         config.save_pretrained(staging)
-        GenerationConfig.from_model_config(config).save_pretrained(staging)  # as model.save_pretrained does
+        generation_config = GenerationConfig.from_model_config(config)  # as model.save_pretrained writes it
+        generation_config.update(**(generation or {}))
+        generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_file(dict(model.tensors()), staging / "model.safetensors", metadata={"format": "pt"})
         _note_source(staging, source, model)

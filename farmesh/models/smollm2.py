@@ -7,7 +7,6 @@ with no dependencies (the package's own plugin code is never imported; only its 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 from farmesh.runtime.errors import Refused
@@ -38,17 +37,18 @@ def write(directory: Path, *, force: bool = False) -> Path:
     """Import the packaged GGUF into `directory`, with the model card's sampling defaults."""
     from farmesh.models.importer import import_gguf
 
-    directory = import_gguf(packaged_gguf(), directory, force=force)
-    generation = json.loads((directory / "generation_config.json").read_text())
-    (directory / "generation_config.json").write_text(
-        json.dumps({**generation, **RECOMMENDED_SAMPLING}, indent=2, sort_keys=True) + "\n")
-    return directory
+    return import_gguf(packaged_gguf(), directory, force=force, generation=RECOMMENDED_SAMPLING)
+
+
+def imported(directory: Path) -> bool:
+    """Whether `directory` already holds an import (written whole: the importer renames it into place)."""
+    return (Path(directory) / "config.json").exists() and (Path(directory) / "model.safetensors").exists()
 
 
 def ensure(directory: Path) -> bool:
     """Import SmolLM2 into `directory` unless it already holds it; True when it was imported now."""
     directory = Path(directory)
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+    if imported(directory):
         return False
     write(directory, force=True)
     return True
