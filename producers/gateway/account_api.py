@@ -22,6 +22,7 @@ from uuid import UUID
 
 import asyncpg
 from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -220,8 +221,6 @@ def refusals(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 def json_response(value: Any, status: int = 200) -> AsciiJSONResponse:
-    from fastapi.encoders import jsonable_encoder
-
     return AsciiJSONResponse(jsonable_encoder(value, custom_encoder={Decimal: money.text}), status_code=status)
 
 
