@@ -206,8 +206,11 @@ class Submitter:
             raise Refused(404, "model_not_found", f"model {excerpt(ask.model)} does not exist here; "
                           f"this mesh serves {', '.join(map(repr, self.models))} (GET /v1/models)", param="model")
         if not 1 <= ask.max_tokens <= self.settings.max_new_tokens:
+            # The native API bounds max_tokens only here: an integer of thousands of digits is quoted by its length.
+            got = str(ask.max_tokens)
+            got = got if len(got) <= 20 else f"a number of {len(got)} digits"
             raise Refused(400, "invalid_value", f"max_tokens must be at most {self.settings.max_new_tokens} "
-                          f"(and at least 1), got {ask.max_tokens}", param="max_tokens")
+                          f"(and at least 1), got {got}", param="max_tokens")
         if ask.deadline_seconds is not None and not 0 < ask.deadline_seconds <= self.settings.max_request_deadline:
             raise Refused(400, "invalid_value", f"the deadline must be between 0 and "
                           f"{self.settings.max_request_deadline} seconds", param="deadline")

@@ -201,6 +201,22 @@ async def test_the_connection_stays_usable_after_a_bad_request(gateway):
         writer.close()
 
 
+async def test_a_huge_max_tokens_is_refused_without_quoting_it(gateway):
+    """The native API bounds max_tokens after the key (FARMESH_MAX_NEW_TOKENS): a 4,000-digit integer (within
+    what the strict JSON reader takes) is 422 naming its size, not 4 KB of digits; without a key, 401."""
+    run = uuid.uuid4().hex[:8]
+    before = await accounts.balance(gateway.env.pool, gateway.account_id)
+    body = b'{"prompt": "hi", "max_tokens": 1' + b"0" * 4000 + b"}"
+    r = await gateway.http.post(GENERATE, content=body, headers={**JSON, "idempotency-key": f"{run}-nokey"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    r = await gateway.http.post(GENERATE, content=body, headers=gateway.auth(**JSON, **{"idempotency-key": run}))
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["error"] == "invalid_value" and isinstance(r.json()["detail"], str)  # refused after reading
+    assert len(r.content) < 300 and b"0" * 30 not in r.content, r.text[:300]
+    assert "a number of 4001 digits" in r.json()["detail"]
+    await assert_no_trace(gateway, [run, f"{run}-nokey"], before)
+
+
 async def test_an_unauthenticated_chat_is_401_and_a_valid_one_is_reserved_and_published(gateway):
     """The control: the same gateway publishes and reserves a valid request, so the checks above look where the
     work would have shown. Without a key, the same chat is refused before it is rendered: 401, nothing held."""
