@@ -10,6 +10,7 @@ import asyncpg
 import click
 
 from farmesh.billing import accounts
+from farmesh.runtime import options
 from farmesh.runtime.errors import Refused
 from farmesh.runtime.options import connection, with_settings
 from farmesh.runtime.settings import Settings
@@ -19,12 +20,8 @@ T = TypeVar("T")
 
 
 def far_amount(value: str) -> int:
-    """A positive FAR amount given on the command line, in base units."""
-    try:
-        units = money.to_base_units(Decimal(value))
-    except (ArithmeticError, ValueError) as exc:
-        raise click.BadParameter(f"{value!r} is not an exact FAR amount ({exc})") from None
-    return units
+    """A FAR amount given on the command line, in base units."""
+    return options.far_amount(value)
 
 
 def run_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from consumers.payments import repository
 from farmesh.kafka import messaging
 from schemas import money
-from farmesh.runtime.options import CONNECT_TIMEOUT, connection, flags_to_subcommand, with_settings
+from farmesh.runtime.options import CONNECT_TIMEOUT, connection, far_amount, flags_to_subcommand, with_settings
 from farmesh.runtime.settings import Settings
 from schemas import topics
 
@@ -100,10 +100,8 @@ def close(settings: Settings, week: str, min_payout: str | None, metrics_textfil
 
     A week that has not ended yet (UTC) is refused without --force; an ended one closes at once, grace or not.
     """
-    try:
-        minimum = money.to_base_units(Decimal(min_payout)) if min_payout is not None else settings.min_payout_base_units
-    except (ArithmeticError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--min-payout") from None
+    minimum = (far_amount(min_payout, param_hint="--min-payout") if min_payout is not None
+               else settings.min_payout_base_units)
     if not force and (why := unfinished(week, datetime.now(timezone.utc))) is not None:
         raise repository.PaymentsError(why)
     closed = asyncio.run(_close(settings, week, minimum, metrics_textfile))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from farmesh.runtime.errors import Refused
+
 _DIRECTORY = click.Path(file_okay=False, path_type=Path)
 
 
@@ -42,4 +44,8 @@ def tiny_command(directory: Path, seed: int) -> None:
     """Write a random tiny Llama (4 layers, vocab 4096) with its tokenizer to DIRECTORY."""
     from farmesh.dev.tiny_model import write_tiny_model
 
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # as the importers say it (farmesh/models/importer.py)
+        raise Refused(f"{directory}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     click.echo(f"tiny model written to {write_tiny_model(directory, seed)}")

@@ -47,12 +47,54 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
             try:
                 settings = Settings(**overrides)
             except ValueError as exc:
-                raise click.UsageError(str(exc)) from exc
+                raise click.UsageError(setting_problem(exc)) from None
             return fn(settings=settings, **kwargs)
         for name in reversed(names):
             wrapper = _SETTING_FLAGS[name](wrapper)
         return wrapper
     return decorate
+
+
+# Settings whose value is never echoed back in an error (a URL's password, the admin token, key material).
+_MAY_HOLD_SECRETS = frozenset({"database_url", "admin_token", "registry_key", "registry_public_keys"})
+
+
+def setting_problem(exc: ValueError) -> str:
+    """Settings that do not validate, in one line: which FARMESH_* variable (and flag) and why, never pydantic's
+    multi-line report. The value is shown unless it may hold a secret (a URL's password, a key)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = (f"FARMESH_{name.upper()}" + (f" / --{name.replace('_', '-')}" if name in _SETTING_FLAGS else "")
+                 if name else "settings")
+        value = error.get("input")
+        shown = (f" (got {value!r})" if isinstance(value, str) and len(value) <= 80
+                 and name not in _MAY_HOLD_SECRETS else "")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}: {message}{'' if isinstance(value, str) and value in message else shown}")
+    return "; ".join(problems)
+
+
+def far_amount(value: str, param_hint: str | None = None) -> int:
+    """A FAR amount given on the command line (exact, not negative), in base units; click.BadParameter (one line,
+    exit 2) when it is not one."""
+    from decimal import Decimal
+
+    from schemas import money
+
+    try:
+        amount = Decimal(value.strip())
+    except ArithmeticError:  # decimal.InvalidOperation, whose own text is a list of Python classes
+        raise click.BadParameter(f"{value!r} is not an exact FAR amount (not a number, e.g. 2.5)",
+                                 param_hint=param_hint) from None
+    try:
+        return money.to_base_units(amount)
+    except (ArithmeticError, ValueError) as exc:
+        raise click.BadParameter(f"{value!r} is not an exact FAR amount ({exc})", param_hint=param_hint) from None
 
 
 def require_initial_peers(settings: Settings) -> None:
