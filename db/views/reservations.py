@@ -18,7 +18,7 @@ import asyncpg
 
 # What the rule compares (the reservation's immutable terms) and how the reservation stands.
 COLUMNS = ("request_id, account_id, model, max_tokens, price_per_token, platform_fee_rate, amount, status, "
-           "settlement_txn, reason")
+           "settlement_txn, reason, reply_topic")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Reservation:
     status: str  # open | settled | released
     settlement_txn: UUID | None = None  # the outcome (its event id) the ledger closed it with
     reason: str | None = None  # why it was released
+    reply_topic: str | None = None  # where the gateway reads the request's tokens (None: not recorded, migration 010)
 
     @property
     def withdrawn(self) -> bool:
@@ -45,7 +46,8 @@ class Reservation:
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> Reservation:
         return cls(row["request_id"], row["account_id"], row["model"], row["max_tokens"], row["price_per_token"],
-                   row["platform_fee_rate"], row["amount"], row["status"], row["settlement_txn"], row["reason"])
+                   row["platform_fee_rate"], row["amount"], row["status"], row["settlement_txn"], row["reason"],
+                   row["reply_topic"])
 
 
 async def reservation(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> Reservation | None:

@@ -5,7 +5,8 @@ Money moves only for what the gateway reserved. The gateway holds max_tokens x p
 so the reservation, not the event, is what is trusted:
 
 - A worker runs a request only while its reservation is open and says what the request says (account, model,
-  price, fee rate, and no more tokens than were reserved): `request_problem`.
+  price, fee rate, no more tokens than were reserved, and the reply topic of the gateway that reserved it, so
+  its tokens go to nobody else): `request_problem`.
 - An outcome counts only when its money adds up exactly (`money_problem`), it names a client account, it matches
   its request's reservation (same account and model, the reserved price and fee rate, no more tokens than were
   reserved, so cost <= the reserved amount) and its contributions are exactly what the pricing rule gives for their
@@ -133,6 +134,9 @@ def request_problem(request: InferenceRequested, r: Reservation | None) -> str |
                              request.price_per_token, request.platform_fee_rate, request.max_tokens)
     if problem is not None:
         return problem
+    # The tokens go where the gateway that reserved them reads them, not to a topic a forged request names.
+    if r.reply_topic is not None and request.reply_topic != r.reply_topic:
+        return f"request reply_topic {request.reply_topic!r} != the reserved {r.reply_topic!r}"
     try:
         most = session_cost(request.max_tokens, money.to_base_units(request.price_per_token))
     except ValueError as exc:

@@ -426,6 +426,7 @@ class Reservation:
     max_pending: int | None = None  # per model, over every gateway (None: unbounded)
     retry_after: int = 1
     limits: Limits | None = None  # the key's, as authenticate read them: when any, reserve checks and counts them
+    reply_topic: str | None = None  # the gateway's: a worker streams the request's tokens only there (migration 010)
 
 
 # A limited key's usage, read after far_reserve took the account's row lock (so every gateway's admissions of this
@@ -456,7 +457,7 @@ UPDATE far_reservations SET rate_window = date_trunc('minute', now(), 'UTC') WHE
 async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reservation) -> tuple[Client, int]:
     """Authenticate and hold max_tokens x price on the client's account, keyed by request_id.
 
-    One round trip to the database function far_reserve (migration 007), which runs in one transaction with
+    One round trip to the database function far_reserve (migrations 007, 010), which runs in one transaction with
     the account row locked, so concurrent requests of one account (on any number of gateways) cannot together
     spend more than it has; the model's pending requests are counted under a per-model advisory lock, so all
     gateways together queue at most max_pending. request.request_id is the mesh's id, scoped by the key's account
@@ -469,7 +470,7 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
         raise Unauthorized("missing API key: send `Authorization: Bearer KEY`")
     amount = pricing.reservation_amount(request.max_tokens, money.to_base_units(request.price))
     args = (hash_key(key), request.request_id, request.model, request.max_tokens, request.price, request.fee_rate,
-            money.to_far(amount), request.request_hash, request.deadline, request.max_pending)
+            money.to_far(amount), request.request_hash, request.deadline, request.max_pending, request.reply_topic)
     if request.limits is None or not request.limits.any:
         return _reserved(await pool.fetchrow(_RESERVE, *args), request, amount), amount
     # A limited key: the reservation, the check and the count in one transaction (refused: all rolled back).
@@ -485,7 +486,7 @@ async def reserve(pool: asyncpg.Pool, authorization: str | None, request: Reserv
     return dataclasses.replace(client, limits=current), amount
 
 
-_RESERVE = "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RESERVE = "SELECT * FROM far_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
 
 def _reserved(row: asyncpg.Record, request: Reservation, amount: int) -> Client:

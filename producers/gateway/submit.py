@@ -259,7 +259,8 @@ class Submitter:
             mesh_id, ask.model, ask.max_tokens, price, self.settings.platform_fee,
             request_hash=ask.fingerprint(), deadline=deadline,
             max_pending=self.settings.max_pending_requests, retry_after=self.settings.retry_after,
-            limits=client.limits)  # the key's limits: checked and counted with the reservation, over every gateway
+            limits=client.limits,  # the key's limits: checked and counted with the reservation, over every gateway
+            reply_topic=self.reply_topic)  # a worker streams the tokens only to this gateway
         try:
             await self.accounts.reserve(authorization, reservation)  # checks the key again, in its transaction
         except AlreadyRequested as exc:

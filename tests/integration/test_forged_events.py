@@ -166,32 +166,35 @@ async def test_forged_outcomes_are_dead_lettered_with_their_reason_and_move_noth
 async def test_a_forged_request_is_dead_lettered_by_the_worker_not_run_and_not_charged(env):
     payer = await client(env, "asker")
     run = uuid.uuid4().hex[:6]
-    reply_topic = topics.reply_topic(f"attacker-{run}")
+    gateway_topic, forger_topic = topics.reply_topic(f"gateway-{run}"), topics.reply_topic(f"attacker-{run}")
 
-    def asked(request_id: str, price: Decimal = PRICE) -> InferenceRequested:
+    def asked(request_id: str, price: Decimal = PRICE, reply_topic: str = forger_topic) -> InferenceRequested:
         return InferenceRequested(request_id=request_id, model=MODEL, prompt="forged", max_tokens=3,
                                   price_per_token=price, platform_fee_rate=FEE, reply_topic=reply_topic,
                                   account_id=payer.account_id)
 
-    reserved = asked(f"{run}-reserved")
+    reserved = asked(f"{run}-reserved", reply_topic=gateway_topic)
     await accounts.reserve(env.pool, f"Bearer {payer.key}", accounts.Reservation(
-        reserved.request_id, MODEL, reserved.max_tokens, PRICE, FEE))
+        reserved.request_id, MODEL, reserved.max_tokens, PRICE, FEE, reply_topic=gateway_topic))
     before = await money_state(env)
+    # No reservation; the reservation's id at 100x its price; its exact terms, its tokens sent to another topic.
     unreserved, dearer = asked(f"{run}-unreserved"), asked(reserved.request_id, price=PRICE * 100)
-    await publish(env, unreserved, dearer, topic=topics.REQUESTS.name)
+    redirected = asked(reserved.request_id)
+    await publish(env, unreserved, dearer, redirected, topic=topics.REQUESTS.name)
     await caught_up(env)
 
-    refused = {InferenceRequested.model_validate_json(d.payload).price_per_token: d.reason for d in await letters(env)
-               if d.consumer_group == topics.GROUP_INFERENCE and run in d.payload}
-    assert refused == {
-        PRICE: f"not run: no reservation for request {unreserved.request_id} (the gateway reserves every request "
-               "before queueing it)",
-        PRICE * 100: "not run: request price_per_token 0.01 != the reserved 0.0001",
-    }
+    refused = sorted(d.reason for d in await letters(env)
+                     if d.consumer_group == topics.GROUP_INFERENCE and run in d.payload)
+    assert refused == sorted([
+        (f"not run: no reservation for request {unreserved.request_id} (the gateway reserves every request "
+         "before queueing it)"),
+        "not run: request price_per_token 0.01 != the reserved 0.0001",
+        f"not run: request reply_topic {forger_topic!r} != the reserved {gateway_topic!r}",
+    ])
     assert not [k for k in env.generator.calls if k.startswith(run)]  # never run
     sessions = [session_event_adapter.validate_json(v) for v in await read_all(env.bootstrap, topics.SESSIONS.name)]
     assert not [e for e in sessions if e.request_id.startswith(run)]  # no outcome: nothing to charge
-    assert await read_all(env.bootstrap, reply_topic, timeout=0.5) == []  # nothing streamed to the named topic
+    assert await read_all(env.bootstrap, forger_topic, timeout=0.5) == []  # nothing streamed to the named topic
     assert await money_state(env) == before
     assert await env.pool.fetchval("SELECT status FROM far_reservations WHERE request_id = $1",
                                    reserved.request_id) == "open"
@@ -202,6 +205,7 @@ async def test_a_forged_request_is_dead_lettered_by_the_worker_not_run_and_not_c
     assert env.generator.calls.count(reserved.request_id) == 1
     session = await env.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", reserved.request_id)
     assert session["cost"] == 3 * PRICE and session["account_id"] == payer.account_id
+    assert await read_all(env.bootstrap, gateway_topic)  # its tokens went to the gateway that reserved it
     await assert_audit_clean(env)
 
 

@@ -92,6 +92,9 @@ async def test_a_small_credit_runs_requests_until_402(env, gateway):
         assert body[-1][0] == "done" and body[-1][1]["usage"]["cost_far"] == "0.0003"
         await settled(env)  # the next request sees this one's debit instead of its hold
     assert statuses == [200, 200, 200, 402]
+    # Each reservation names this gateway's reply topic: the only one a worker streams the request's tokens to.
+    held_for = await env.pool.fetch("SELECT reply_topic FROM far_reservations WHERE account_id = $1", issued.account_id)
+    assert [r["reply_topic"] for r in held_for] == [topics.reply_topic(Settings().gateway_name)] * 3
     assert await counter(gateway, "farmesh_gateway_payment_required_total") == refused_before + 1
     assert refused["error"] == "insufficient_funds"
     assert (refused["required_far"], refused["available_far"]) == ("0.0003", "0.0001")

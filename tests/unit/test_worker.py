@@ -98,7 +98,7 @@ def reserved(r: InferenceRequested, **kw) -> Reservation:
     """The open reservation the gateway made before publishing `r` (`kw`: what differs)."""
     terms = dict(request_id=r.request_id, account_id=r.account_id, model=r.model, max_tokens=r.max_tokens,
                  price_per_token=r.price_per_token, platform_fee_rate=r.platform_fee_rate,
-                 amount=r.max_tokens * r.price_per_token, status="open")
+                 amount=r.max_tokens * r.price_per_token, status="open", reply_topic=r.reply_topic)
     return Reservation(**{**terms, **kw})
 
 
@@ -281,6 +281,9 @@ REFUSED = {
     "more tokens than reserved": (reserved(request()), request(max_tokens=30), "not run: request 30 tokens > the 3 reserved"),
     "more than the amount held": (reserved(request(), amount=Decimal("0.0002")), request(),
                                   "not run: request may cost 0.0003 > the reserved 0.0002"),
+    "another reply topic": (reserved(request()), request(reply_topic=topics.reply_topic("forger")),
+                            (f"not run: request reply_topic {topics.reply_topic('forger')!r} != the reserved "
+                             f"{topics.REPLIES.name!r}")),
     "already settled": (reserved(request(), status="settled", settlement_txn=uuid.uuid4()), request(),
                         "not run: the reservation of request r-1 is settled: it is not run again"),
     "released by an operator": (reserved(request(), status="released", reason="operator"), request(),
