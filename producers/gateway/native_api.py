@@ -130,9 +130,9 @@ def router(submitter: Submitter, accounts: Accounts, sessions: Sessions) -> APIR
             return native_error(refusal(exc))
         # The caller's own request of that id; another account's is not even looked at (the same 404 as none).
         session = await sessions.fetch(mesh_request_id(client.account_id, request_id))
-        if session is None:  # recorded before ids were scoped by account: shown only to its own account
-            session = await sessions.fetch(request_id)
-            if session is not None and session.get("account_id") not in (None, client.account_id):
+        if session is None:  # recorded before ids were scoped by account: shown only to its own account (one
+            session = await sessions.fetch(request_id)  # recorded with no account at all, to nobody)
+            if session is not None and session.get("account_id") != client.account_id:
                 session = None
         if session is None:
             raise HTTPException(404, f"no session {request_id!r} in the ledger (yet)")

@@ -154,6 +154,26 @@ async def test_another_accounts_id_is_404_exactly_like_an_unknown_one(env, url):
     await assert_books_exact(env)
 
 
+async def test_a_session_recorded_before_ids_were_scoped_is_shown_to_its_own_account_only(env, url):
+    """Unsuffixed ids (sessions recorded before the gateway scoped ids by account): its account reads it, another
+    account gets the 404 of an unknown id, and one recorded with no account at all (before accounts) is nobody's."""
+    alice, bob = await clients(env, "alice", "bob")
+    run = uuid.uuid4().hex[:6]
+    owned, unowned = f"old-{run}", f"older-{run}"
+    insert = ("INSERT INTO far_mesh_sessions (request_id, event_id, model, status, prompt_tokens, completion_tokens, "
+              "completion, error, price_per_token, cost, started_at, finished_at, worker, account_id) "
+              "VALUES ($1, $2, $3, 'failed', 1, 0, '', 'old', 0, 0, now(), now(), 'old-worker', $4)")
+    await env.pool.execute(insert, owned, uuid.uuid4(), MODEL, alice.account_id)
+    await env.pool.execute(insert, unowned, uuid.uuid4(), MODEL, None)
+    try:
+        mine = await session(url, alice.key, owned)
+        assert mine.status_code == 200 and mine.json()["request_id"] == owned
+        for key, request_id in ((bob.key, owned), (alice.key, unowned), (bob.key, unowned)):
+            assert (await session(url, key, request_id)).status_code == 404
+    finally:  # rows of the days before settlement postings: the audit of today's books would count them
+        await env.pool.execute("DELETE FROM far_mesh_sessions WHERE request_id = ANY($1::text[])", [owned, unowned])
+
+
 async def test_no_account_can_claim_an_id_before_another(env, url):
     alice, bob = await clients(env, "alice", "bob")
     rid = f"claimed-{uuid.uuid4().hex[:6]}"
