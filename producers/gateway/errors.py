@@ -92,17 +92,26 @@ def summary(items: Sequence[Mapping[str, Any]], more: int = 0) -> str:
     """`field: message; ...` (the body's fields without the leading 'body')."""
     parts = []
     for item in items:
-        where = ".".join(str(p) for p in item["loc"] if p != "body") or "body"
+        where = ".".join(_field_path(item["loc"], ("body",))) or "body"
         parts.append(f"{where}: {item['msg']}")
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "") or "invalid request"
 
 
+# The member of a union pydantic names in an error's location (`stop: str | list[str]` -> ('stop', 'str') and
+# ('stop', 'list[str]')): a type, not a parameter, so it is left out of the parameter's name.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "bytes", "list", "dict"}
+
+
+def _field_path(loc: Sequence[Any], skip: Sequence[str]) -> list[str]:
+    return [str(p) for p in loc if p not in skip
+            and not (isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p))]
+
+
 def first_param(items: Sequence[Mapping[str, Any]]) -> str | None:
-    """The first invalid parameter, as OpenAI names it (`messages.0.content`)."""
+    """The first invalid parameter, as OpenAI names it (`messages.0.content`; `stop`, not pydantic's `stop.str`)."""
     if not items:
         return None
-    where = [str(p) for p in items[0]["loc"] if p not in ("body", "header", "query", "path")]
-    return ".".join(where) or None
+    return ".".join(_field_path(items[0]["loc"], ("body", "header", "query", "path"))) or None
 
 
 # --------------------------------------------------------------------------------------------- OpenAPI models

@@ -112,6 +112,8 @@ CASES = [
     ("v1 max_tokens true", CHAT, chat(max_tokens=True), {}, 400, "invalid_value", "max_tokens"),
     ("v1 max_tokens 2.0", CHAT, chat(max_tokens=2.0), {}, 400, "invalid_value", "max_tokens"),
     ("v1 stream 1", CHAT, chat(stream=1), {}, 400, "invalid_value", "stream"),
+    ("v1 stop 5", CHAT, chat(stop=5), {}, 400, "invalid_value", "stop"),  # a union's field: `stop`, not `stop.str`
+    ("v1 prompt 5", COMPLETIONS, text(prompt=5), {}, 400, "invalid_value", "prompt"),
     ("v1 text/plain", CHAT, chat(), {"content-type": "text/plain"}, 415, "unsupported_media_type", None),
     ("v1 tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400,
      "unsupported_parameter", "tools"),
