@@ -4,7 +4,7 @@ listens, announces and dials only inside the mesh's own networks (FARMESH_SWARM_
 Call `install()` before the first `import petals` (it is idempotent). Each adaptation below has a test in
 tests/unit/test_petals_compat.py that fails once upstream changes so the adaptation is no longer needed
 (or no longer works). The facts behind them (the install recipe, what each default would reach, the failover
-and close bugs) are in README.md, "Petals, safely".
+and close bugs, the shutdown with the whole process group signalled) are in README.md, "Petals, safely".
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import ipaddress
+import logging
 import os
 import sys
 import threading
@@ -69,6 +70,8 @@ DEFAULT_SWARM_NETWORKS = "127.0.0.0/8,::1/128"
 _UPSTREAM_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = logging.getLogger(__name__)
 
 
 class AddressNotAllowedError(ValueError):
@@ -207,6 +210,7 @@ def install() -> None:
     _disable_version_check()
     _fix_inference_failover()
     _close_sessions_without_deadlock()
+    _offline_announcement_without_a_dead_dht()
 
 
 def _restore_hivemind_reexports() -> None:
@@ -347,6 +351,49 @@ def _close_sessions_without_deadlock() -> None:
 
     close.__farmesh_no_deadlock__ = True  # type: ignore[attr-defined]
     module._ServerInferenceSession.close = close
+
+
+# --------------------------------------------------------------------------- OFFLINE with the DHT process gone
+
+# How often a server's OFFLINE announcement checks that its DHT process still lives while it waits for it.
+DHT_LIVENESS_POLL_SECONDS = 0.5
+
+
+def _offline_announcement_without_a_dead_dht() -> None:
+    """A server's OFFLINE announcement stops waiting once its DHT process is dead, instead of waiting for ever.
+
+    ModuleContainer.shutdown() (run by Server.run() on its way out) announces OFFLINE through
+    ModuleAnnouncerThread.announce(), which joins the announcer thread; that thread declares the blocks with
+    DHT.run_coroutine, which waits with no timeout for the DHT process to answer. When a supervisor signals the
+    server's whole process group (`timeout`, `kill -- -PGID`, systemd's KillMode=control-group), SIGTERM has
+    already killed the DHT process and its p2pd: the answer never comes and the server never shuts down. Here the
+    join ends as soon as the DHT process is found dead, with a warning (no peer can be told; they drop the blocks
+    when the last announcement expires). While the DHT process lives, OFFLINE is awaited exactly as upstream does.
+    """
+    from petals.data_structures import ServerState
+    from petals.server.server import ModuleAnnouncerThread
+
+    original = ModuleAnnouncerThread.announce
+    if getattr(original, "__farmesh_dead_dht__", False):
+        return
+
+    @functools.wraps(original)
+    def announce(self: Any, state: Any) -> None:
+        if state != ServerState.OFFLINE:
+            return original(self, state)
+        # upstream's announce(OFFLINE), its join() bounded by the DHT process's life
+        self.server_info.state = state
+        self.trigger.set()
+        while self.is_alive():
+            if not self.dht.is_alive():
+                log.warning("the DHT process is gone (signalled with its process group?): blocks %d:%d not "
+                            "announced offline; peers drop them when their announcement expires",
+                            self.server_info.start_block, self.server_info.end_block)
+                return
+            self.join(DHT_LIVENESS_POLL_SECONDS)
+
+    announce.__farmesh_dead_dht__ = True  # type: ignore[attr-defined]
+    ModuleAnnouncerThread.announce = announce
 
 
 # --------------------------------------------------------------------------- route preference (node registry)

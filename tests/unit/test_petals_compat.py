@@ -6,10 +6,14 @@ No daemon is started: P2P.create is stopped at the point where it builds the p2p
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +285,124 @@ def test_a_session_closed_on_petals_own_loop_closes_in_the_background() -> None:
     assert not hasattr(_ServerInferenceSession.close.__wrapped__, "__wrapped__")  # wrapped exactly once
     session = _close_on_petals_loop(_ServerInferenceSession.close, timeout=5)
     assert session.closed and session._outputs_stream is None and session._inputs_queue is None
+
+
+# --------------------------------------------------------------------------- OFFLINE with the DHT process gone
+
+class _DHTProcess:
+    """Stands in for a server's hivemind.DHT: answers run_coroutine while its process lives; once dead (a group
+    SIGTERM killed it), a call waits for an answer that never comes, as DHT.run_coroutine then does (here: until
+    the test releases it). `dies_declaring` kills it as the OFFLINE declaration is sent."""
+
+    def __init__(self, dies_declaring: bool = False) -> None:
+        from hivemind.p2p import PeerID
+
+        self.peer_id = PeerID.from_base58(LOOPBACK_PEER.rsplit("/", 1)[1])
+        self.alive = True
+        self.dies_declaring = dies_declaring
+        self.released = threading.Event()
+        self.declared: list[Any] = []  # the state of each declaration the process answered
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def run_coroutine(self, coro: Any, return_future: bool = False) -> Any:
+        from petals.data_structures import RemoteModuleInfo, ServerState
+
+        name = coro.func.__name__
+        state = coro.keywords["server_info"].state if name == "_declare_active_modules" else None
+        if state == ServerState.OFFLINE and self.dies_declaring:
+            self.alive = False
+        if not self.alive:
+            self.released.wait()
+            return {}
+        if name == "_declare_active_modules":
+            time.sleep(0.3)  # the declaration takes a while: announce(OFFLINE) must wait for it
+            self.declared.append(state)
+            return {}
+        if name == "_get_remote_module_infos":
+            return [RemoteModuleInfo(uid, {}) for uid in coro.keywords["uids"]]
+        return {}  # ping_parallel
+
+    def store(self, **_kwargs: Any) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _announcing_online(dht: _DHTProcess) -> Iterator[Any]:
+    """A real ModuleAnnouncerThread of blocks 0:2 on `dht`, past its first ONLINE declaration."""
+    from types import SimpleNamespace
+
+    from petals.data_structures import ModelInfo, ServerInfo, ServerState
+    from petals.server.server import ModuleAnnouncerThread
+
+    petals_compat.install()
+    announcer = ModuleAnnouncerThread(
+        ["farmesh-tiny.0", "farmesh-tiny.1"], dht, ServerInfo(ServerState.ONLINE, 1.0, torch_dtype="float32"),
+        ModelInfo(num_blocks=2), block_config=SimpleNamespace(hidden_size=8, num_key_value_groups=1),
+        memory_cache=SimpleNamespace(bytes_left=1024), update_period=60.0, expiration=60.0, daemon=True,
+    )
+    announcer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ServerState.ONLINE not in dht.declared and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ServerState.ONLINE in dht.declared
+        yield announcer
+    finally:
+        dht.released.set()
+        announcer.trigger.set()
+        announcer.join(10)
+
+
+def _announce_offline(announce: Any, announcer: Any, timeout: float) -> bool:
+    """Run `announce(announcer, OFFLINE)` in a thread; True if it returned within `timeout` s."""
+    from petals.data_structures import ServerState
+
+    caller = threading.Thread(target=announce, args=(announcer, ServerState.OFFLINE), daemon=True)
+    caller.start()
+    caller.join(timeout)
+    return not caller.is_alive()
+
+
+@pytest.mark.parametrize("dies", ["before", "while declaring"])
+def test_upstream_offline_announcement_still_waits_for_a_dead_dht_process(dies: str) -> None:
+    """If this stops hanging, upstream no longer waits for ever on a dead DHT process when a server shuts down,
+    and _offline_announcement_without_a_dead_dht can go."""
+    petals_compat.install()
+    from petals.server.server import ModuleAnnouncerThread
+
+    dht = _DHTProcess(dies_declaring=dies == "while declaring")
+    with _announcing_online(dht) as announcer:
+        dht.alive = dies != "before"
+        assert not _announce_offline(ModuleAnnouncerThread.announce.__wrapped__, announcer, timeout=2)
+
+
+@pytest.mark.parametrize("dies", ["before", "while declaring"])
+def test_offline_announcement_stops_waiting_once_the_dht_process_is_dead(dies: str, caplog: Any) -> None:
+    from petals.server.server import ModuleAnnouncerThread
+
+    petals_compat.install()
+    petals_compat.install()
+    assert ModuleAnnouncerThread.announce.__farmesh_dead_dht__
+    assert not hasattr(ModuleAnnouncerThread.announce.__wrapped__, "__wrapped__")  # wrapped exactly once
+    dht = _DHTProcess(dies_declaring=dies == "while declaring")
+    with _announcing_online(dht) as announcer:
+        dht.alive = dies != "before"
+        assert _announce_offline(ModuleAnnouncerThread.announce, announcer, timeout=10)
+    assert "the DHT process is gone" in caplog.text and "blocks 0:2 not announced offline" in caplog.text
+
+
+def test_offline_announcement_with_a_live_dht_process_is_awaited() -> None:
+    """A normal shutdown (leader-only SIGTERM, SIGINT): announce(OFFLINE) returns once OFFLINE is declared."""
+    petals_compat.install()
+    from petals.data_structures import ServerState
+    from petals.server.server import ModuleAnnouncerThread
+
+    dht = _DHTProcess()
+    with _announcing_online(dht) as announcer:
+        assert _announce_offline(ModuleAnnouncerThread.announce, announcer, timeout=10)
+        assert dht.declared[-1] == ServerState.OFFLINE and not announcer.is_alive()
 
 
 # --------------------------------------------------------------------------- allowed networks (issue 14)
