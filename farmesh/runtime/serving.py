@@ -8,8 +8,9 @@ All of them listen on 127.0.0.1 by default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -50,15 +51,34 @@ class _StartupFailure:
             raise
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which returns after a graceful shutdown on SIGINT/SIGTERM.
+
+    uvicorn (since 0.29) raises the signal it shut down on again once it has served, with the process's
+    original handler: SIGTERM's default kills the process on the spot, so the caller's own clean-up never ran
+    (the worker's and the gateway's Petals client: their DHT process and p2pd were left running after a
+    `kill PID`). The signal still stops the server; `serve` then returns and the command exits normally.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()  # what uvicorn would raise again
+
+
 async def serve(app, host: str, port: int, name: str) -> None:
-    """Serve until SIGINT/SIGTERM; print `<name> ready url=...` once listening (the supervisor waits for it).
+    """Serve until SIGINT/SIGTERM (then return); print `<name> ready url=...` once listening (the supervisor
+    waits for it).
 
     A failure to start is raised: the app's startup error, else (the port) a RuntimeError. uvicorn's own log
     lines go through the process's logging (log_config=None), in its format.
     """
     watched = _StartupFailure(app)
-    server = uvicorn.Server(uvicorn.Config(watched, host=host, port=port, log_level="warning", lifespan="on",
-                                           log_config=None))
+    server = _Server(uvicorn.Config(watched, host=host, port=port, log_level="warning", lifespan="on",
+                                    log_config=None))
 
     async def serving() -> None:
         try:
