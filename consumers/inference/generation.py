@@ -233,7 +233,7 @@ def load_client(
     """Load the local parts of the model and join our swarm (never the public one) as a client."""
     if not initial_peers:
         raise ValueError("initial_peers must name our own DHT; Petals would otherwise join the public swarm")
-    petals_compat.require_loopback(initial_peers, "initial_peers")
+    petals_compat.require_allowed(initial_peers, "initial_peers")
     petals_compat.install()
     from petals import AutoDistributedModelForCausalLM
     from transformers import AutoTokenizer

@@ -18,11 +18,11 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hivemind
-from hivemind.p2p import P2P
-from hivemind.utils.multiaddr import Multiaddr
+if TYPE_CHECKING:  # hivemind (and torch, which it imports) load when install() runs, not with this module: the
+    from hivemind.p2p import P2P  # swarm commands' options and --help read its constants and checks only
+    from hivemind.utils.multiaddr import Multiaddr
 
 LOOPBACK_HOST = "127.0.0.1"
 # A local model directory has no repo name to derive a DHT prefix from, so every server and client
@@ -57,8 +57,15 @@ FORCED_P2P_OPTIONS: dict[str, Any] = {"nat_port_map": False, "use_ipfs": False, 
 # The multiaddr arguments of P2P.create that say where the daemon listens, announces or dials.
 _P2P_ADDRESS_ARGS = ("initial_peers", "host_maddrs", "announce_maddrs", "trusted_relays")
 
-_ORIGINAL_P2P_CREATE = P2P.create.__func__
-_P2P_CREATE_SIGNATURE = inspect.signature(_ORIGINAL_P2P_CREATE)
+
+
+@functools.cache
+def _upstream_p2p_create() -> tuple[Any, inspect.Signature]:
+    """hivemind's own P2P.create (the function under its classmethod) and its signature, read once, before
+    _patch_p2p_create replaces it (which asks for it first)."""
+    from hivemind.p2p import P2P
+
+    return P2P.create.__func__, inspect.signature(P2P.create.__func__)
 
 
 SWARM_NETWORKS_ENV = "FARMESH_SWARM_NETWORKS"
@@ -197,10 +204,6 @@ def require_allowed(maddrs: Iterable[str | Multiaddr], what: str, networks: tupl
                                      f"{_networks_text(networks)}): {', '.join(outside)}")
 
 
-# The name of the check while the swarm was loopback-only; it checks against the allowed networks now (the
-# inference worker's client still calls it by this name).
-require_loopback = require_allowed
-
 
 def install() -> None:
     """Make petals importable on hivemind 1.1.12 and keep every daemon inside the mesh's networks; safe to call
@@ -214,27 +217,32 @@ def install() -> None:
 
 
 def _restore_hivemind_reexports() -> None:
+    import hivemind
+
     for name, module_name in HIVEMIND_REEXPORTS.items():
         if not hasattr(hivemind, name):
             setattr(hivemind, name, getattr(importlib.import_module(module_name), name))
 
 
 def _patch_p2p_create() -> None:
-    if P2P.create.__func__ is not _ORIGINAL_P2P_CREATE:
+    from hivemind.p2p import P2P
+
+    upstream, signature = _upstream_p2p_create()
+    if P2P.create.__func__ is not upstream:
         return
 
     # Wrapping the classmethod itself covers every path to a daemon: DHT/DHTNode, petals'
     # reachability probe and hivemind's identity check; DHT processes are forks, so they inherit it.
-    @functools.wraps(_ORIGINAL_P2P_CREATE)
+    @functools.wraps(upstream)
     async def create(cls: type[P2P], *args: Any, **kwargs: Any) -> P2P:
-        bound = _P2P_CREATE_SIGNATURE.bind(cls, *args, **kwargs)
+        bound = signature.bind(cls, *args, **kwargs)
         bound.apply_defaults()
         bound.arguments.update(FORCED_P2P_OPTIONS)
         _client_addresses(bound.arguments)
         networks = swarm_networks()
         for name in _P2P_ADDRESS_ARGS:
             require_allowed(bound.arguments[name] or (), f"P2P.create({name}=...)", networks)
-        return await _ORIGINAL_P2P_CREATE(*bound.args, **bound.kwargs)
+        return await upstream(*bound.args, **bound.kwargs)
 
     P2P.create = classmethod(create)
 

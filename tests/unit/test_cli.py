@@ -72,6 +72,31 @@ def test_help_lists_every_command_without_importing_them() -> None:
     assert names == sorted(root.COMMANDS)
 
 
+def test_no_commands_help_loads_torch_or_a_model_library() -> None:
+    """`farmesh CMD [SUB] --help` for every command and subcommand, all in one process: none of them imports
+    torch, transformers, petals or hivemind (a command's options are read without loading what it runs)."""
+    probe = (
+        "import json, sys, click\n"
+        "from click.testing import CliRunner\n"
+        "from farmesh import cli as root\n"
+        "paths, failed = [], []\n"
+        "for name in sorted(root.COMMANDS):\n"
+        "    command = root.load(name)\n"
+        "    subs = sorted(command.commands) if isinstance(command, click.Group) else []\n"
+        "    for path in [[name]] + [[name, sub] for sub in subs]:\n"
+        "        result = CliRunner().invoke(root.cli, [*path, '--help'])\n"
+        "        paths.append(' '.join(path))\n"
+        "        if result.exit_code != 0 or 'Usage:' not in result.output:\n"
+        "            failed.append(' '.join(path))\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'petals', 'hivemind'})\n"
+        "print(json.dumps({'paths': len(paths), 'failed': failed, 'heavy': heavy}), file=sys.stderr)\n"
+    )
+    probed = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    report = json.loads(probed.stderr.strip().splitlines()[-1])
+    assert report["failed"] == [] and report["heavy"] == [], report
+    assert report["paths"] > len(root.COMMANDS)  # the subcommands were shown too
+
+
 def test_commands_are_added_to_the_table_not_to_the_group() -> None:
     with pytest.raises(TypeError):
         root.cli.add_command(click.Command("extra"))
