@@ -47,6 +47,12 @@ def test_every_entry_loads_a_click_command_whose_help_the_table_shows(name: str)
     assert root.COMMANDS[name][1] == command.get_short_help_str(limit=200)
 
 
+def _probe(script: str) -> dict:
+    """Run `script` in a fresh interpreter; the JSON object it printed last on stderr."""
+    probed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return json.loads(probed.stderr.strip().splitlines()[-1])
+
+
 def test_help_lists_every_command_without_importing_them() -> None:
     probe = (
         "import json, sys\n"
@@ -60,9 +66,7 @@ def test_help_lists_every_command_without_importing_them() -> None:
         "               ('torch', 'transformers', 'petals', 'hivemind', 'consumers', 'producers'))\n"
         "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)\n"
     )
-    probed = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
-    report = json.loads(probed.stderr.strip().splitlines()[-1])
-    assert report == {"code": 0, "heavy": []}
+    assert _probe(probe) == {"code": 0, "heavy": []}
 
     shown = subprocess.run([sys.executable, "-m", "farmesh.cli", "--help"], cwd=REPO, capture_output=True,
                            text=True, timeout=60)
@@ -91,8 +95,7 @@ def test_no_commands_help_loads_torch_or_a_model_library() -> None:
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'petals', 'hivemind'})\n"
         "print(json.dumps({'paths': len(paths), 'failed': failed, 'heavy': heavy}), file=sys.stderr)\n"
     )
-    probed = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    report = json.loads(probed.stderr.strip().splitlines()[-1])
+    report = _probe(probe)
     assert report["failed"] == [] and report["heavy"] == [], report
     assert report["paths"] > len(root.COMMANDS)  # the subcommands were shown too
 
