@@ -17,7 +17,7 @@ import pytest
 
 from farmesh.dev.swarm import start_dht, start_node
 from schemas import topics
-from tests.support.kafka import read_all
+from tests.support.kafka import read_to_end
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ async def test_group_sigterm_stops_the_node_with_its_offline_heartbeat_then_the_
         assert _exit_code_after_group_sigterm(node.process) == 0, node.log_tail()
         log = node.log_path.read_text(errors="replace")
         assert "the DHT process is gone" in log and "did not shut down" not in log, log[-3000:]
-        states = [event["state"] for event in map(json.loads, await read_all(kafka_bootstrap, topics.HEARTBEATS.name))
+        states = [event["state"] for event in map(json.loads, await read_to_end(kafka_bootstrap, topics.HEARTBEATS.name))
                   if event.get("peer_id") == node.peer_id]
         assert states[-2:] == ["draining", "offline"], states
 

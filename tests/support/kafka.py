@@ -74,6 +74,15 @@ async def wait_caught_up(bootstrap: str, group: str, topic: str, timeout: float 
         await asyncio.sleep(0.2)
 
 
+async def read_to_end(bootstrap: str, topic: str) -> list[bytes]:
+    """Every record of `topic` up to its end offsets when called (farmesh/kafka/log_reader.py, as a replay reads):
+    bounded even while something keeps producing to it (read_all waits for a quiet moment, which a topic that live
+    nodes heartbeat to never has)."""
+    from farmesh.kafka.log_reader import read_log_batches
+
+    return [r.value async for records in read_log_batches(bootstrap, topic, None, {}) for r in records]
+
+
 async def read_all(bootstrap: str, topic: str, timeout: float = 2.0) -> list[bytes]:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
