@@ -117,9 +117,20 @@ def test_a_provider_host_cannot_publish_a_money_event(mesh, tiny_model_dir) -> N
 
     a = mesh.net.hosts["a"]
     port = mesh.bootstrap.rsplit(":", 1)[1]
-    reach = a.run([sys.executable, "-c", f"import socket; socket.create_connection(('{mesh.net.core.address}', "
-                                         f"{port}), timeout=3)"], timeout=60)
-    assert reach.returncode != 0  # the broker listens on the core's loopback only
+    # A Kafka client, not a bare connect: the broker listens on the core's loopback only, and another of the core's
+    # services (a p2pd on the bridge address) may well have the same port number there.
+    def probe(bootstrap: str) -> list[str]:
+        return [sys.executable, "-c",
+                "import asyncio\nfrom aiokafka.admin import AIOKafkaAdminClient\n"
+                "async def main():\n"
+                f"    admin = AIOKafkaAdminClient(bootstrap_servers='{bootstrap}', request_timeout_ms=3000)\n"
+                "    await asyncio.wait_for(admin.start(), 10)\n"
+                "    await admin.close()\n"
+                "asyncio.run(main())\n"]
+
+    assert mesh.net.core.run(probe(mesh.bootstrap), timeout=60).returncode == 0  # the probe does reach a broker
+    reach = a.run(probe(f"{mesh.net.core.address}:{port}"), timeout=60)
+    assert reach.returncode != 0, "a provider host reached the broker"
     before = mesh.query("SELECT (SELECT count(*) FROM far_mesh_sessions) s, (SELECT count(*) FROM far_ledger_entries) e")
     account = mesh.query("SELECT account_id FROM far_api_keys LIMIT 1")[0]["account_id"]
     forged = outcome(f"forged-{uuid.uuid4().hex[:8]}", account, 5, datetime.now(timezone.utc))
