@@ -84,11 +84,15 @@ def test_a_provider_on_another_host_joins_a_mesh_farmesh_up_started(tiny_model_d
             assert (listed["state"], listed["wallet"]) == ("online", "wallet-provider")
 
             auth = {"Authorization": f"Bearer {key}"}
-            served = []
-            for attempt in range(3):  # routes are Petals' choice (by measured latency): it is asked up to 3 times
+            # Routes are Petals' choice (by measured latency), among the nodes the worker prefers: those the registry
+            # lists online, which the worker re-reads every FARMESH_ROUTE_REFRESH (5 s), so a node just listed may
+            # not be preferred yet. Asked again for up to a minute (at most 12 generations).
+            deadline = time.monotonic() + 60
+            for _ in range(12):
                 served = _served_by(gateway, auth, node.peer_id, tiny_model_dir)
-                if served:
+                if served or time.monotonic() > deadline:
                     break
+                time.sleep(2)
             assert served and served[0]["tokens_processed"] > 0 and float(served[0]["earnings"]) > 0, served
             earned = httpx.get(f"{gateway}/api/nodes/{node.peer_id}", timeout=30).json()
             assert earned["wallet"] == "wallet-provider" and float(earned["earnings"]) > 0, earned
