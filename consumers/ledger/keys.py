@@ -10,18 +10,12 @@ import asyncpg
 import click
 
 from farmesh.billing import accounts
-from farmesh.runtime import options
 from farmesh.runtime.errors import Refused
-from farmesh.runtime.options import connection, with_settings
+from farmesh.runtime.options import connection, far_amount, with_settings
 from farmesh.runtime.settings import Settings
 from schemas import money
 
 T = TypeVar("T")
-
-
-def far_amount(value: str) -> int:
-    """A FAR amount given on the command line, in base units."""
-    return options.far_amount(value)
 
 
 def run_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
