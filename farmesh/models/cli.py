@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from farmesh.runtime.errors import Refused
+from farmesh.runtime.errors import cannot_write
 
 _DIRECTORY = click.Path(file_okay=False, path_type=Path)
 
@@ -46,6 +46,6 @@ def tiny_command(directory: Path, seed: int) -> None:
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # as the importers say it (farmesh/models/importer.py)
-        raise Refused(f"{directory}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+    except OSError as exc:  # as the importers say it
+        raise cannot_write(directory, exc) from None
     click.echo(f"tiny model written to {write_tiny_model(directory, seed)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from farmesh.models.gguf_llama import GGUFLlama
 from farmesh.models.gguf_tokenizer import build_tokenizer
-from farmesh.runtime.errors import Refused
+from farmesh.runtime.errors import Refused, cannot_write
 
 
 def import_gguf(source: Path, out: Path, *, force: bool = False, generation: dict | None = None) -> Path:
@@ -55,7 +55,7 @@ def import_gguf(source: Path, out: Path, *, force: bool = False, generation: dic
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as exc:
-        raise Refused(f"{out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+        raise cannot_write(out, exc) from None
     try:
         config.save_pretrained(staging)
         generation_config = GenerationConfig.from_model_config(config)  # as model.save_pretrained writes it

@@ -23,6 +23,11 @@ class Refused(Exception):
     """An operation the domain refuses (unknown account, closed week, ...): the message is the whole story."""
 
 
+def cannot_write(path: object, exc: OSError) -> Refused:
+    """A directory that cannot be made or written (a model's destination), said in one line."""
+    return Refused(f"{path}: cannot write there ({exc.strerror or type(exc).__name__})")
+
+
 # Top-level module of a client library -> the service (or thing) it talks to.
 _CLIENTS = {
     "asyncpg": "database",
